@@ -1,0 +1,307 @@
+"""The configuration: top-level settings, per-destination delivery settings, and strict validation.
+
+`load_config()` gathers every problem in the file before failing, each naming the key path, the file and
+line, and for unknown keys the nearest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError
+
+from relay.destination import BatchDefaults
+from relay.errors import ConfigError, ConfigIssue
+from relay.plugins import PluginType, Registry
+from relay.settings import ByteSize, Duration, HostPort, Settings
+from relay.yamlfile import LoadedYaml, Path_, load_yaml, substitute
+
+__all__ = [
+    "BatchSettings",
+    "Config",
+    "DeliverySettings",
+    "DestinationConfig",
+    "FilterSettings",
+    "RetrySettings",
+    "SourceConfig",
+    "load_config",
+]
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+class LogSettings(Settings):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console", "auto"] = "auto"
+    """`auto`: console output on a terminal, JSON lines otherwise."""
+
+
+class MetricsSettings(Settings):
+    listen: HostPort | None = "127.0.0.1:9464"
+    """Where `/metrics`, `/healthz` and `/readyz` are served; null turns the endpoint off."""
+
+
+class JournalSettings(Settings):
+    max_size: ByteSize = Field(default=1024**3, gt=0)
+    """Sources pause when the journal holds this much; nothing is dropped."""
+    retention: Duration = 24 * 3600.0
+    """How long delivered entries stay (for dedupe and `relay replay`) unless their space is needed."""
+
+
+class BatchSettings(Settings):
+    max_entries: int | None = Field(default=None, gt=0)
+    max_bytes: ByteSize | None = Field(default=None, gt=0)
+    max_wait: Duration | None = None
+
+
+class RetrySettings(Settings):
+    initial_backoff: Duration = Field(default=1.0, gt=0)
+    max_backoff: Duration = Field(default=300.0, gt=0)
+
+
+class FilterSettings(Settings):
+    actions: list[str] = []
+    """Globs an entry's action must match (any of them); empty means all actions."""
+    exclude_actions: list[str] = []
+    actor_types: list[str] = []
+    target_types: list[str] = []
+    """The entry must have at least one target of these types."""
+
+
+class DeliverySettings(Settings):
+    """Settings every destination has, whatever its type."""
+
+    type: str
+    batch: BatchSettings = BatchSettings()
+    retry: RetrySettings = RetrySettings()
+    filter: FilterSettings = FilterSettings()
+    drop_fields: list[str] = []
+    start_at: Literal["oldest", "newest"] = "oldest"
+    concurrency: int | None = Field(default=None, gt=0, le=64)
+    send_timeout: Duration = Field(default=60.0, gt=0)
+
+
+class TopLevel(Settings):
+    state_dir: Path | None = None
+    log: LogSettings = LogSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    journal: JournalSettings = JournalSettings()
+    shutdown_timeout: Duration = 30.0
+    sources: dict[str, dict[str, Any]] = {}
+    destinations: dict[str, dict[str, Any]] = {}
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    name: str
+    type: str
+    settings: Any
+    plugin: PluginType
+
+
+@dataclass(frozen=True)
+class DestinationConfig:
+    name: str
+    type: str
+    settings: Any
+    delivery: DeliverySettings
+    batch: BatchDefaults
+    """The effective batch limits: the user's `batch:` over the type's defaults."""
+    concurrency: int
+    plugin: PluginType
+
+
+@dataclass(frozen=True)
+class Config:
+    file: str
+    state_dir: Path
+    log: LogSettings
+    metrics: MetricsSettings
+    journal: JournalSettings
+    shutdown_timeout: float
+    sources: Mapping[str, SourceConfig]
+    destinations: Mapping[str, DestinationConfig]
+
+
+def load_config(path: str | os.PathLike[str], registry: Registry,
+                env: Mapping[str, str] | None = None) -> Config:
+    """Read, substitute and validate a configuration file; raise `ConfigError` listing every problem."""
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([ConfigIssue("", f"cannot read the configuration: {exc.strerror}", file)]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([ConfigIssue("", f"the configuration is not UTF-8 text ({exc.reason})", file)]) from None
+    return parse_config(text, file, registry, os.environ if env is None else env)
+
+
+def parse_config(text: str, file: str, registry: Registry, env: Mapping[str, str]) -> Config:
+    loaded = load_yaml(text, file)
+    if not isinstance(loaded.data, dict):
+        raise ConfigError([loaded.issue((), "the configuration must be a mapping of keys to values")])
+    issues = substitute(loaded, env, Path(file).resolve().parent)
+    data: dict[str, Any] = loaded.data
+
+    top = _validate(TopLevel, {k: v for k, v in data.items() if k not in ("sources", "destinations")},
+                    (), loaded, issues)
+    sources: dict[str, SourceConfig] = {}
+    for name, raw in _section(data, "sources", loaded, issues):
+        if (source := _source(name, raw, registry, loaded, issues)) is not None:
+            sources[name] = source
+    destinations: dict[str, DestinationConfig] = {}
+    for name, raw in _section(data, "destinations", loaded, issues):
+        if (destination := _destination(name, raw, registry, loaded, issues)) is not None:
+            destinations[name] = destination
+    if not issues and not sources and not destinations:
+        issues.append(loaded.issue((), "no sources and no destinations are configured"))
+    if issues or top is None:
+        raise ConfigError(sorted(issues, key=lambda i: (i.line or 0, i.path)))
+
+    state_dir = top.state_dir
+    if state_dir is None:
+        systemd_dir = env.get("STATE_DIRECTORY", "").split(":")[0]
+        state_dir = Path(systemd_dir) if systemd_dir else Path("state")
+    return Config(file, state_dir, top.log, top.metrics, top.journal, top.shutdown_timeout,
+                  sources, destinations)
+
+
+def _section(data: dict[str, Any], key: str, loaded: LoadedYaml,
+             issues: list[ConfigIssue]) -> list[tuple[str, Any]]:
+    section = data.get(key)
+    if section is None:
+        return []
+    if not isinstance(section, dict):
+        issues.append(loaded.issue((key,), f"must be a mapping of names to {key[:-1]} settings"))
+        return []
+    out = []
+    for name in section:
+        if not _NAME.match(name):
+            issues.append(loaded.issue((key, name), "names use lower-case letters, digits, '-' and '_' "
+                                                     "(it appears in metric labels and file names)"))
+        elif not isinstance(section[name], dict):
+            issues.append(loaded.issue((key, name), "must be a mapping with at least `type`"))
+        else:
+            out.append((name, section[name]))
+    return out
+
+
+def _plugin_type(path: Path_, raw: dict[str, Any], table: Mapping[str, PluginType], kind: str,
+                 loaded: LoadedYaml, issues: list[ConfigIssue]) -> PluginType | None:
+    type_name = raw.get("type")
+    if type_name is None:
+        issues.append(loaded.issue(path, f"`type` is required (one of: {', '.join(sorted(table))})"))
+        return None
+    if not isinstance(type_name, str) or type_name not in table:
+        hint = _suggest(str(type_name), table)
+        issues.append(loaded.issue((*path, "type"), f"unknown {kind} type {str(type_name)[:60]!r}{hint} "
+                                                   f"(installed: {', '.join(sorted(table))})"))
+        return None
+    return table[type_name]
+
+
+def _source(name: str, raw: dict[str, Any], registry: Registry, loaded: LoadedYaml,
+            issues: list[ConfigIssue]) -> SourceConfig | None:
+    path: Path_ = ("sources", name)
+    plugin = _plugin_type(path, raw, registry.sources, "source", loaded, issues)
+    if plugin is None:
+        return None
+    settings = _validate(plugin.cls.Settings, {k: v for k, v in raw.items() if k != "type"}, path,
+                         loaded, issues, extra_keys=("type",))
+    return SourceConfig(name, plugin.name, settings, plugin) if settings is not None else None
+
+
+def _destination(name: str, raw: dict[str, Any], registry: Registry, loaded: LoadedYaml,
+                 issues: list[ConfigIssue]) -> DestinationConfig | None:
+    path: Path_ = ("destinations", name)
+    plugin = _plugin_type(path, raw, registry.destinations, "destination", loaded, issues)
+    if plugin is None:
+        return None
+    common = set(DeliverySettings.model_fields)
+    delivery = _validate(DeliverySettings, {k: v for k, v in raw.items() if k in common}, path, loaded, issues)
+    settings = _validate(plugin.cls.Settings, {k: v for k, v in raw.items() if k not in common}, path,
+                         loaded, issues, extra_keys=tuple(common))
+    if delivery is None or settings is None:
+        return None
+    defaults: BatchDefaults = plugin.cls.batch_defaults
+    batch = BatchDefaults(
+        max_entries=delivery.batch.max_entries or defaults.max_entries,
+        max_bytes=delivery.batch.max_bytes or defaults.max_bytes,
+        max_wait=defaults.max_wait if delivery.batch.max_wait is None else delivery.batch.max_wait,
+    )
+    if delivery.retry.initial_backoff > delivery.retry.max_backoff:
+        issues.append(loaded.issue((*path, "retry", "initial_backoff"), "must not exceed retry.max_backoff"))
+        return None
+    concurrency = delivery.concurrency or plugin.cls.concurrency_default
+    return DestinationConfig(name, plugin.name, settings, delivery, batch, concurrency, plugin)
+
+
+def _validate(model: type[BaseModel], raw: dict[str, Any], base: Path_, loaded: LoadedYaml,
+              issues: list[ConfigIssue], extra_keys: tuple[str, ...] = ()) -> Any:
+    """Validate `raw` against `model`; turn each pydantic error into a located, secret-free issue."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False, include_input=False):
+            loc: Path_ = (*base, *error["loc"])
+            issues.append(loaded.issue(loc, _message(error, model, error["loc"], extra_keys)))
+        return None
+
+
+def _message(error: Any, model: type[BaseModel], loc: tuple[Any, ...], extra_keys: tuple[str, ...]) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        valid = _fields_at(model, loc[:-1]) | (set(extra_keys) if len(loc) == 1 else set())
+        return f"unknown key{_suggest(str(loc[-1]), valid)}"
+    if kind == "missing":
+        return "required key is missing"
+    message: str = error["msg"]
+    for prefix in ("Value error, ", "Assertion failed, "):
+        message = message.removeprefix(prefix)
+    return message
+
+
+def _suggest(word: str, candidates: Any) -> str:
+    match = difflib.get_close_matches(word, sorted(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> set[str]:
+    """The valid keys of the nested model at `loc`, for typo suggestions."""
+    current: Any = model
+    for part in loc:
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(str(part))
+            if field is None:
+                return set()
+            current = _unwrap(field.annotation)
+        elif typing.get_origin(current) is dict:
+            current = _unwrap(typing.get_args(current)[1])
+        elif typing.get_origin(current) is list:
+            current = _unwrap(typing.get_args(current)[0])
+        else:
+            return set()
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return {f.alias or n for n, f in current.model_fields.items()}
+    return set()
+
+
+def _unwrap(annotation: Any) -> Any:
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin is typing.Annotated:
+            annotation = typing.get_args(annotation)[0]
+        elif origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(annotation) if a is not type(None)]
+            models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+            annotation = models[0] if models else args[0]
+        else:
+            return annotation

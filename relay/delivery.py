@@ -1,0 +1,276 @@
+"""One delivery loop per destination: batches from its own offset, retries, dead letters, ordered commits.
+
+The loop records each batch's boundaries before the first attempt, so after a crash the same batch (same
+entries, same `id`) is rebuilt and sent first. Up to `concurrency` batches are in flight; the offset only
+moves over a contiguous run of finished batches, so order of commits is preserved and nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import structlog
+import trio
+
+from relay import metrics
+from relay.config import DestinationConfig
+from relay.destination import Batch, Delivered, Destination, Entry, Halted, Rejected, Result, RetryLater
+from relay.journal import Journal, JournalReader, Row
+from relay.retry import Backoff
+from relay.selection import Selection
+
+__all__ = ["DeliveryLoop", "DestinationSnapshot"]
+
+IDLE_POLL = 5.0
+"""How often an idle loop looks for entries written by another process (`relay dlq replay`)."""
+
+
+@dataclass(frozen=True)
+class DestinationSnapshot:
+    name: str
+    type: str
+    state: str
+    reason: str | None
+    offset: int
+    backlog: int
+    in_flight: int
+    last_success_at: float | None
+    newest_delivered_occurred_at: float | None
+    oldest_undelivered_occurred_at: float | None
+
+
+class DeliveryLoop:
+    def __init__(self, config: DestinationConfig, destination: Destination, journal: Journal,
+                 reader: JournalReader) -> None:
+        self.config = config
+        self.name = config.name
+        self.destination = destination
+        self.journal = journal
+        self.reader = reader
+        self.selection = Selection(config.name, config.delivery.filter, config.delivery.drop_fields)
+        self.log = structlog.get_logger("relay.delivery").bind(destination=config.name)
+        self.state = "starting"
+        self.reason: str | None = None
+        self.offset = 0
+        self.in_flight = 0
+        self.last_success_at: float | None = None
+        self.newest_delivered: float | None = None
+        self.oldest_undelivered: float | None = None
+        self._slots = trio.Semaphore(config.concurrency)
+        self._stop = trio.Event()
+        self._m_delivered = metrics.delivered.labels(self.name)
+        self._m_dead = metrics.dead_lettered.labels(self.name)
+        self._m_filtered = metrics.filtered.labels(self.name)
+        self._m_duration = metrics.send_duration.labels(self.name)
+        self._m_batch = metrics.batch_entries.labels(self.name)
+
+    def snapshot(self) -> DestinationSnapshot:
+        return DestinationSnapshot(
+            self.name, self.config.type, self.state, self.reason, self.offset,
+            max(0, self.journal.last_seq - self.offset), self.in_flight, self.last_success_at,
+            self.newest_delivered, self.oldest_undelivered)
+
+    def stop(self) -> None:
+        """Form no new batches; batches in flight carry on (the caller bounds them with a deadline)."""
+        self._stop.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.offset, pending = await self.journal.register_destination(self.name, self.config.delivery.start_at)
+        task_status.started()
+        await self._open()
+        async with trio.open_nursery() as nursery:
+            after = self.offset
+            for record in pending:
+                after = record.last_seq
+                if record.done:
+                    continue
+                rows = await self.reader.read_range(record.first_seq, record.last_seq)
+                batch, _ = self._form(rows, record.first_seq, record.last_seq, record.attributes)
+                await self._slots.acquire()
+                nursery.start_soon(self._deliver, batch)
+                self.log.info("batch_resumed", batch=batch.id, entries=len(batch))
+            while not self._stop.is_set():
+                await self._slots.acquire()
+                waited = await self._wait_rows(after)
+                if waited is None:
+                    self._slots.release()
+                    break
+                first, last = waited[0].seq, waited[-1].seq
+                batch, rows_used = self._form(waited, first, last, None)
+                last = rows_used[-1].seq
+                after = last
+                if not batch.entries:
+                    self._slots.release()
+                    self._m_filtered.inc(len(rows_used))
+                    moved = await self.journal.record_batch(self.name, first, last, {}, done=True)
+                    self._moved(moved)
+                    continue
+                batch = Batch(self.name, first, last, batch.entries, self.destination.describe(batch))
+                await self.journal.record_batch(self.name, first, last, dict(batch.attributes))
+                self._m_filtered.inc(len(rows_used) - len(batch.entries))
+                nursery.start_soon(self._deliver, batch)
+
+    async def _open(self) -> None:
+        backoff = Backoff(self.config.delivery.retry.initial_backoff, self.config.delivery.retry.max_backoff)
+        while True:
+            try:
+                await self.destination.open()
+                await self._set_state("up", None)
+                return
+            except Exception as exc:
+                self.log.error("destination_open_failed", error=f"{type(exc).__name__}: {exc}")
+                await self._set_state("retrying", f"open failed: {exc}")
+                await trio.sleep(backoff.next_delay())
+
+    async def _wait_rows(self, after: int) -> list[Row] | None:
+        """Rows after `after` once a batch is worth sending (full, or `max_wait` passed); None on stop."""
+        limits = self.config.batch
+        deadline: float | None = None
+        while True:
+            rows = await self.reader.read_after(after, limits.max_entries)
+            if rows:
+                self.oldest_undelivered = self.oldest_undelivered or rows[0].occurred_at
+                full = len(rows) >= limits.max_entries or sum(len(r.data) for r in rows) >= limits.max_bytes
+                now = trio.current_time()
+                deadline = deadline if deadline is not None else now + limits.max_wait
+                if full or now >= deadline or self._stop.is_set():
+                    return rows
+                wait_until = deadline
+                newest = rows[-1].seq
+            else:
+                if self._stop.is_set():
+                    return None
+                wait_until = trio.current_time() + IDLE_POLL
+                newest = after
+            with trio.move_on_at(wait_until):
+                async with trio.open_nursery() as nursery:
+                    async def stopped() -> None:
+                        await self._stop.wait()
+                        nursery.cancel_scope.cancel()
+                    nursery.start_soon(stopped)
+                    await self.journal.wait_appended(newest)
+                    nursery.cancel_scope.cancel()
+
+    def _form(self, rows: list[Row], first: int, last: int,
+              attributes: dict[str, str] | None) -> tuple[Batch, list[Row]]:
+        """The batch for `rows`: selected entries up to the byte limit (always at least one row)."""
+        entries: list[Entry] = []
+        used: list[Row] = []
+        size = 0
+        max_bytes = self.config.batch.max_bytes if attributes is None else None
+        for row in rows:
+            if self.selection.takes(row.route, row.action, row.actor_type, row.target_types):
+                data = self.selection.transform(row.data)
+                if max_bytes is not None and entries and size + len(data) > max_bytes:
+                    break
+                size += len(data)
+                entries.append(Entry(row.seq, data, row.occurred_at, row.action))
+            used.append(row)
+        return Batch(self.name, first, last, entries, attributes or {}), used
+
+    async def _deliver(self, batch: Batch) -> None:
+        self.in_flight += 1
+        try:
+            await self._deliver_until_done(batch)
+        finally:
+            self.in_flight -= 1
+            self._slots.release()
+
+    async def _deliver_until_done(self, batch: Batch) -> None:
+        retry = self.config.delivery.retry
+        backoff = Backoff(retry.initial_backoff, retry.max_backoff)
+        attempt = 1
+        while True:
+            batch = Batch(self.name, batch.first_seq, batch.last_seq, batch.entries, batch.attributes, attempt)
+            result = await self._attempt(batch)
+            if isinstance(result, Delivered):
+                await self._finish(batch, range(len(batch)), {})
+                return
+            if isinstance(result, Rejected):
+                cut = len(batch) if result.resend_from is None else max(0, min(result.resend_from, len(batch)))
+                reasons = {i: r for i, r in result.reasons.items() if 0 <= i < cut}
+                delivered = [i for i in range(cut) if i not in reasons]
+                if cut >= len(batch):
+                    self._log_rejected(batch, reasons, 0)
+                    await self._finish(batch, delivered, reasons)
+                    return
+                if cut > 0 or reasons:
+                    self._log_rejected(batch, reasons, len(batch) - cut)
+                    rest = batch.entries[cut:]
+                    await self._finish(batch, delivered, reasons, resend_from=rest[0].seq)
+                    batch = Batch(self.name, rest[0].seq, batch.last_seq, rest, batch.attributes)
+                    attempt = 1
+                    continue
+                result = RetryLater("the receiver accepted none of the batch and asked for it again")
+            attempt += 1
+            if isinstance(result, Halted):
+                metrics.retries.labels(self.name, "halted").inc()
+                await self._set_state("halted", result.reason)
+                delay = retry.max_backoff
+            else:
+                assert isinstance(result, RetryLater)
+                metrics.retries.labels(self.name, "retry").inc()
+                if self.state != "halted":
+                    await self._set_state("retrying", result.reason)
+                delay = backoff.next_delay(result.after)
+                self.log.debug("retry_scheduled", batch=batch.id, attempt=attempt, delay=round(delay, 3),
+                               reason=result.reason)
+            await trio.sleep(delay)
+
+    def _log_rejected(self, batch: Batch, reasons: dict[int, str], resend: int) -> None:
+        if reasons:
+            self.log.warning("entries_dead_lettered", batch=batch.id, count=len(reasons),
+                             first_reason=next(iter(reasons.values())), resend=resend)
+
+    async def _attempt(self, batch: Batch) -> Result:
+        timeout = self.config.delivery.send_timeout
+        started = time.perf_counter()
+        try:
+            with trio.move_on_after(timeout) as scope:
+                result: Result = await self.destination.send(batch)
+            if scope.cancelled_caught:
+                result = RetryLater(f"no answer within send_timeout ({timeout:g}s)")
+        except Exception as exc:  # a plugin bug must not lose entries: log it and retry
+            self.log.exception("send_failed_unexpectedly", batch=batch.id)
+            result = RetryLater(f"unexpected {type(exc).__name__}: {exc}")
+        self._m_duration.observe(time.perf_counter() - started)
+        self._m_batch.observe(len(batch))
+        return result
+
+    async def _finish(self, batch: Batch, delivered: list[int] | range, reasons: dict[int, str],
+                      resend_from: int | None = None) -> None:
+        dead = [(batch.entries[i].seq, reasons[i]) for i in sorted(reasons)]
+        newest = max((batch.entries[i].occurred_at for i in delivered), default=None)
+        moved = await self.journal.finish_batch(
+            self.name, batch.first_seq, delivered=len(delivered), newest_occurred_at=newest,
+            dead_letters=dead, resend_from=resend_from)
+        self._m_delivered.inc(len(delivered))
+        self._m_dead.inc(len(dead))
+        if delivered:
+            self.last_success_at = time.time()
+            self.newest_delivered = max(self.newest_delivered or 0.0, newest or 0.0)
+        self._moved(moved)
+        if self.state != "up" and (delivered or dead):
+            await self._set_state("up", None)
+
+    def _moved(self, offset: int | None) -> None:
+        if offset is not None:
+            self.offset = offset
+            self.oldest_undelivered = None
+            if self.journal.statistics().full:
+                self.journal.request_prune()
+
+    async def _set_state(self, state: str, reason: str | None) -> None:
+        if state == self.state:
+            self.reason = reason
+            return
+        previous, self.state, self.reason = self.state, state, reason
+        if state == "halted":
+            self.log.error("destination_halted", reason=reason,
+                           hint="fix the configuration or credentials; retrying every retry.max_backoff")
+        elif state == "retrying":
+            self.log.warning("destination_retrying", reason=reason)
+        elif previous != "starting":
+            self.log.info("destination_recovered", previous=previous)
+        await self.journal.set_destination_state(self.name, state, reason)

@@ -1,0 +1,124 @@
+"""Validating incoming entries and computing their identity key.
+
+An entry is accepted when it has what every consumer needs (`action`, `occurred_at`, `actor.type`,
+`actor.id`) with the right types; everything else passes through unchanged, because the schema grows.
+An invalid entry raises `EntryError` naming the field: the caller quarantines it, never drops it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from relay.catalog import ACTOR_TYPES, ENTRY_FIELDS, known_versions
+from relay.errors import EntryError
+
+__all__ = ["NewEntry", "identity_key", "parse_occurred_at", "prepare"]
+
+_RFC3339 = re.compile(
+    r"^(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class NewEntry:
+    """A validated entry, ready for the journal."""
+
+    key: bytes
+    data: bytes
+    occurred_at: float
+    action: str
+    actor_type: str
+    target_types: str
+    """Comma-separated, sorted, for destination filters."""
+    unrecognized: tuple[str, ...]
+    """What about this entry is not in the documented schema: `action`, `version`, `actor_type`, `field`."""
+
+
+def parse_occurred_at(value: Any) -> float:
+    """RFC 3339 timestamp -> Unix seconds; raises `ValueError` with what is wrong."""
+    if not isinstance(value, str):
+        raise ValueError(f"must be an RFC 3339 timestamp string, not {_json_type(value)}")
+    match = _RFC3339.match(value)
+    if not match:
+        raise ValueError(f"{value[:40]!r} is not an RFC 3339 timestamp (e.g. 2024-05-14T09:30:00.123456Z)")
+    date, time, fraction, zone = match.groups()
+    fraction = (fraction or "")[:7]  # at most microseconds
+    zone = "+00:00" if zone in ("Z", "z") else zone
+    try:
+        return datetime.fromisoformat(f"{date}T{time}{fraction}{zone}").timestamp()
+    except ValueError as exc:
+        raise ValueError(f"{value[:40]!r} is not a valid date and time: {exc}") from None
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def identity_key(value: dict[str, Any]) -> bytes:
+    """The entry's `id` when the source supplies one, else the SHA-256 of its canonical JSON."""
+    entry_id = value.get("id")
+    if isinstance(entry_id, str | int) and not isinstance(entry_id, bool) and entry_id != "":
+        return hashlib.sha256(b"id:" + str(entry_id).encode()).digest()
+    return hashlib.sha256(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)).digest()
+
+
+def prepare(value: Any) -> NewEntry:
+    """Validate one entry (a parsed JSON value); raise `EntryError` naming the field that is wrong."""
+    if not isinstance(value, dict):
+        raise EntryError("", f"an entry must be a JSON object, not {_json_type(value)}")
+    action = value.get("action")
+    if not isinstance(action, str) or not action.strip():
+        raise EntryError("action", "missing" if action is None else "must be a non-empty string")
+    if "occurred_at" not in value:
+        raise EntryError("occurred_at", "missing")
+    try:
+        occurred_at = parse_occurred_at(value["occurred_at"])
+    except ValueError as exc:
+        raise EntryError("occurred_at", str(exc)) from None
+    actor = value.get("actor")
+    if not isinstance(actor, dict):
+        raise EntryError("actor", "missing" if actor is None else f"must be an object, not {_json_type(actor)}")
+    for name in ("type", "id"):
+        if not isinstance(actor.get(name), str) or not actor[name]:
+            raise EntryError(f"actor.{name}", "missing" if actor.get(name) is None else "must be a non-empty string")
+    version = value.get("version")
+    if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
+        raise EntryError("version", f"must be an integer, not {_json_type(version)}")
+    targets = value.get("targets")
+    target_types: set[str] = set()
+    if targets is not None:
+        if not isinstance(targets, list):
+            raise EntryError("targets", f"must be an array, not {_json_type(targets)}")
+        for index, target in enumerate(targets):
+            if not isinstance(target, dict):
+                raise EntryError(f"targets[{index}]", f"must be an object, not {_json_type(target)}")
+            if isinstance(target.get("type"), str):
+                target_types.add(target["type"])
+    context = value.get("context")
+    if context is not None and not isinstance(context, dict):
+        raise EntryError("context", f"must be an object, not {_json_type(context)}")
+    try:
+        data = orjson.dumps(value)
+        key = identity_key(value)
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise EntryError("", f"cannot be represented as JSON: {exc}") from None
+
+    unrecognized: list[str] = []
+    versions = known_versions().get(action)
+    if versions is None:
+        unrecognized.append("action")
+    elif version is not None and version not in versions:
+        unrecognized.append("version")
+    if actor["type"] not in ACTOR_TYPES:
+        unrecognized.append("actor_type")
+    if not ENTRY_FIELDS.issuperset(value):
+        unrecognized.append("field")
+    return NewEntry(key, data, occurred_at, action, actor["type"], ",".join(sorted(target_types)),
+                    tuple(unrecognized))

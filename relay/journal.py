@@ -1,0 +1,468 @@
+"""The durable journal: every accepted entry, each source's cursor, each destination's offset.
+
+One writer connection, driven by one task, does all writes. Writes queue up while the previous commit
+runs and then go out together in one transaction and one fsync (group commit); each caller is woken
+only after that commit, so "submit returned" means "on disk". Each write runs inside its own savepoint,
+so one failing write does not take the others down with it. Reads use their own connections (WAL lets
+them run beside the writer). Every sqlite call runs in a worker thread through a `CapacityLimiter(1)`
+per connection, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+import structlog
+import trio
+import trio.lowlevel
+
+from relay.entry import NewEntry
+from relay.errors import JournalError, JournalUnavailable
+from relay.journal_schema import connect
+
+__all__ = ["Journal", "JournalReader", "JournalStats", "PendingBatch", "Row"]
+
+T = TypeVar("T")
+log = structlog.get_logger("relay.journal")
+
+PRUNE_INTERVAL = 10.0
+PRUNE_CHUNK = 20_000
+FULL_RESUME_RATIO = 0.95
+"""Once full, sources resume when the journal is back under 95 % of `max_size` (no flapping)."""
+
+
+@dataclass(frozen=True)
+class JournalStats:
+    last_seq: int
+    used_bytes: int
+    max_size: int
+    full: bool
+    disk_full: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    seq: int
+    route: str | None
+    occurred_at: float
+    action: str
+    actor_type: str
+    target_types: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class PendingBatch:
+    first_seq: int
+    last_seq: int
+    attributes: dict[str, str]
+    done: bool
+
+
+@dataclass
+class _Op:
+    fn: Callable[[sqlite3.Connection], Any]
+    appends: bool
+    done: trio.Event = field(default_factory=trio.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+
+_ROW_COLUMNS = "seq, route, occurred_at, action, actor_type, target_types, data"
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and (
+        "full" in str(exc) or getattr(exc, "sqlite_errorcode", None) == 13
+    )
+
+
+class Journal:
+    def __init__(self, state_dir: Path, *, max_size: int, retention: float) -> None:
+        self.state_dir = state_dir
+        self.max_size = max_size
+        self.retention = retention
+        self._db: sqlite3.Connection | None = None
+        self._limiter = trio.CapacityLimiter(1)
+        self._queue: list[_Op] = []
+        self._wakeup = trio.Event()
+        self._appended = trio.Event()
+        self._writable = trio.Event()
+        self._prune_now = trio.Event()
+        self._running = False
+        self._full = False
+        self._disk_full_until = 0.0
+        self._last_seq = 0
+        self._used = 0
+        self.active_destinations: set[str] = set()
+        """Destinations whose offsets hold back pruning (the service keeps this up to date)."""
+
+    # -- life cycle -------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        self._db = await trio.to_thread.run_sync(connect, self.state_dir, limiter=self._limiter)
+        await trio.to_thread.run_sync(self._refresh_stats, limiter=self._limiter)
+        self._update_full()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The writer and the pruner. Runs until cancelled; queued writes then fail as unavailable."""
+        self._running = True
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._prune_loop)
+                task_status.started()
+                await self._write_loop()
+        finally:
+            self._running = False
+            for op in self._queue:
+                op.error = JournalUnavailable("the relay is stopping")
+                op.done.set()
+            self._queue.clear()
+
+    async def close(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            await trio.to_thread.run_sync(db.close, limiter=self._limiter)
+
+    # -- state --------------------------------------------------------------------------------------
+
+    def statistics(self) -> JournalStats:
+        return JournalStats(self._last_seq, self._used, self.max_size, self._full, self._disk_full())
+
+    @property
+    def last_seq(self) -> int:
+        return self._last_seq
+
+    @property
+    def writable(self) -> bool:
+        return self._running and not self._full and not self._disk_full()
+
+    def _disk_full(self) -> bool:
+        return time.monotonic() < self._disk_full_until
+
+    async def wait_writable(self) -> None:
+        while not self.writable:
+            if self._disk_full() and not self._full:
+                await trio.sleep(self._disk_full_until - time.monotonic())
+            else:
+                await self._writable.wait()
+
+    async def wait_appended(self, after_seq: int) -> None:
+        """Return once the journal holds an entry after `after_seq`."""
+        while self._last_seq <= after_seq:
+            await self._appended.wait()
+
+    # -- writing ------------------------------------------------------------------------------------
+
+    async def write(self, fn: Callable[[sqlite3.Connection], T], *, appends: bool = False) -> T:
+        """Run `fn(connection)` inside the next group transaction; return after it is committed."""
+        if not self._running:
+            raise JournalUnavailable("the relay is stopping")
+        op = _Op(fn, appends)
+        self._queue.append(op)
+        self._wakeup.set()
+        with trio.CancelScope(shield=True):  # the write is going out either way; report its outcome
+            await op.done.wait()
+        if op.error is not None:
+            raise op.error
+        return op.result  # type: ignore[no-any-return]
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a read on the writer's connection (between group transactions)."""
+        assert self._db is not None
+        db = self._db
+        return await trio.to_thread.run_sync(fn, db, limiter=self._limiter)
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            ops, self._queue = self._queue, []
+            if not ops:
+                continue
+            await trio.to_thread.run_sync(self._run_group, ops, limiter=self._limiter)
+            self._update_full()
+            if any(op.appends and op.error is None for op in ops):
+                self._appended.set()
+                self._appended = trio.Event()
+            for op in ops:
+                op.done.set()
+
+    def _run_group(self, ops: Sequence[_Op]) -> None:
+        db = self._db
+        assert db is not None
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            self._fail_all(ops, exc)
+            return
+        for op in ops:
+            db.execute("SAVEPOINT op")
+            try:
+                op.result = op.fn(db)
+                db.execute("RELEASE op")
+            except Exception as exc:
+                db.execute("ROLLBACK TO op")
+                db.execute("RELEASE op")
+                op.error = self._translate(exc)
+        try:
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            self._fail_all([op for op in ops if op.error is None], exc)
+        self._refresh_stats()
+
+    def _fail_all(self, ops: Sequence[_Op], exc: BaseException) -> None:
+        error = self._translate(exc)
+        for op in ops:
+            op.error = error
+
+    def _translate(self, exc: BaseException) -> BaseException:
+        if _is_disk_full(exc):
+            self._disk_full_until = time.monotonic() + 1.0
+            return JournalUnavailable("the journal's disk is full", retry_after=5.0)
+        if isinstance(exc, sqlite3.Error):
+            return JournalError(f"journal write failed: {exc}")
+        return exc
+
+    def _refresh_stats(self) -> None:
+        db = self._db
+        assert db is not None
+        page_size, pages, free = (db.execute(f"PRAGMA {p}").fetchone()[0]
+                                  for p in ("page_size", "page_count", "freelist_count"))
+        self._used = (pages - free) * page_size
+        row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'entries'").fetchone()
+        self._last_seq = row[0] if row else 0
+
+    def _update_full(self) -> None:
+        was = self._full
+        if self._used >= self.max_size:
+            self._full = True
+        elif self._full and self._used < self.max_size * FULL_RESUME_RATIO:
+            self._full = False
+        if self._full and not was:
+            log.warning("journal_full", used_bytes=self._used, max_size=self.max_size,
+                        hint="sources are paused until destinations catch up; nothing is dropped")
+            self._prune_now.set()
+        elif was and not self._full:
+            log.info("journal_resumed", used_bytes=self._used, max_size=self.max_size)
+        if self.writable:
+            self._writable.set()
+            self._writable = trio.Event()
+
+    # -- sources --------------------------------------------------------------------------------------
+
+    async def append(self, source: str, entries: Sequence[NewEntry], quarantined: Sequence[tuple[str, bytes]],
+                     cursor: Any, *, keep_cursor: bool) -> int:
+        """Journal `entries` (deduplicated), `quarantined` input and the cursor in one transaction.
+
+        Returns how many entries were new. Raises `JournalUnavailable` when intake must pause.
+        """
+        if not self.writable:
+            if self._full:
+                raise JournalUnavailable("the journal is full; destinations are catching up", retry_after=10.0)
+            raise JournalUnavailable("the journal cannot take entries right now", retry_after=5.0)
+        now = time.time()
+        rows = [(e.key, source, now, e.occurred_at, e.action, e.actor_type, e.target_types, e.data)
+                for e in entries]
+
+        def append(db: sqlite3.Connection) -> int:
+            before = db.total_changes
+            db.executemany(
+                "INSERT OR IGNORE INTO entries (key, source, received_at, occurred_at, action, actor_type,"
+                " target_types, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            inserted = db.total_changes - before
+            if quarantined:
+                db.executemany("INSERT INTO quarantine (source, received_at, reason, data) VALUES (?, ?, ?, ?)",
+                               [(source, now, reason, data) for reason, data in quarantined])
+            if keep_cursor:
+                db.execute("INSERT INTO sources (name, last_success_at) VALUES (?, ?) ON CONFLICT (name)"
+                           " DO UPDATE SET last_success_at = excluded.last_success_at", (source, now))
+            else:
+                db.execute("INSERT INTO sources (name, cursor, updated_at, last_success_at) VALUES (?, ?, ?, ?)"
+                           " ON CONFLICT (name) DO UPDATE SET cursor = excluded.cursor,"
+                           " updated_at = excluded.updated_at, last_success_at = excluded.last_success_at",
+                           (source, cursor, now, now))
+            return inserted
+
+        return await self.write(append, appends=True)
+
+    async def load_cursor(self, source: str) -> str | None:
+        row = await self.read(lambda db: db.execute("SELECT cursor FROM sources WHERE name = ?",
+                                                     (source,)).fetchone())
+        return row[0] if row else None
+
+    # -- destinations -------------------------------------------------------------------------------
+
+    async def register_destination(self, name: str, start_at: str) -> tuple[int, list[PendingBatch]]:
+        """Create the destination's offset if new; return it with the batches left pending at the last stop."""
+        def register(db: sqlite3.Connection) -> tuple[int, list[PendingBatch]]:
+            row = db.execute('SELECT "offset" FROM destinations WHERE name = ?', (name,)).fetchone()
+            if row is None:
+                start = 0
+                if start_at == "newest":
+                    seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'entries'").fetchone()
+                    start = seq[0] if seq else 0
+                db.execute('INSERT INTO destinations (name, "offset", created_at, state_since)'
+                           " VALUES (?, ?, ?, ?)", (name, start, time.time(), time.time()))
+                return start, []
+            db.execute("UPDATE destinations SET removed_at = NULL WHERE name = ?", (name,))
+            pending = [PendingBatch(first, last, orjson.loads(attrs), bool(done)) for first, last, attrs, done in
+                       db.execute("SELECT first_seq, last_seq, attributes, done FROM pending"
+                                  " WHERE destination = ? ORDER BY first_seq", (name,))]
+            return row[0], pending
+
+        return await self.write(register)
+
+    async def record_batch(self, destination: str, first: int, last: int, attributes: dict[str, str],
+                           *, done: bool = False) -> int | None:
+        """Record a new batch's boundaries; with `done` (nothing to send) also advance the offset."""
+        def record(db: sqlite3.Connection) -> int | None:
+            db.execute("INSERT INTO pending (destination, first_seq, last_seq, attributes, done, created_at)"
+                       " VALUES (?, ?, ?, ?, ?, ?)",
+                       (destination, first, last, orjson.dumps(attributes).decode(), int(done), time.time()))
+            return _advance(db, destination) if done else None
+
+        return await self.write(record)
+
+    async def finish_batch(self, destination: str, first: int, *, delivered: int, newest_occurred_at: float | None,
+                           dead_letters: Sequence[tuple[int, str]] = (), resend_from: int | None = None) -> int | None:
+        """Record the outcome of a batch: dead letters, counters, and either done (the offset advances
+        over every leading done batch) or narrowed to start at `resend_from` (the rest is sent again).
+        Returns the new offset if it moved."""
+        def finish(db: sqlite3.Connection) -> int | None:
+            now = time.time()
+            if dead_letters:
+                db.executemany(
+                    "INSERT INTO dead_letters (destination, seq, source, occurred_at, action, failed_at, reason,"
+                    " data) SELECT ?, seq, source, occurred_at, action, ?, ?, data FROM entries WHERE seq = ?",
+                    [(destination, now, reason, seq) for seq, reason in dead_letters])
+            if delivered:
+                db.execute("UPDATE destinations SET delivered = delivered + ?, last_success_at = ?,"
+                           " last_occurred_at = max(coalesce(last_occurred_at, 0), ?) WHERE name = ?",
+                           (delivered, now, newest_occurred_at or 0, destination))
+            if resend_from is not None:
+                db.execute("UPDATE pending SET first_seq = ? WHERE destination = ? AND first_seq = ?",
+                           (resend_from, destination, first))
+                return None
+            db.execute("UPDATE pending SET done = 1 WHERE destination = ? AND first_seq = ?", (destination, first))
+            return _advance(db, destination)
+
+        return await self.write(finish)
+
+    async def set_destination_state(self, destination: str, state: str, reason: str | None) -> None:
+        await self.write(lambda db: db.execute(
+            "UPDATE destinations SET state = ?, state_reason = ?, state_since = ? WHERE name = ?",
+            (state, reason, time.time(), destination)))
+
+    # -- plugin state and quarantine ------------------------------------------------------------------
+
+    async def load_state(self, owner: str, key: str) -> str | None:
+        row = await self.read(lambda db: db.execute(
+            "SELECT value FROM plugin_state WHERE owner = ? AND key = ?", (owner, key)).fetchone())
+        return row[0] if row else None
+
+    async def save_state(self, owner: str, key: str, value: str) -> None:
+        await self.write(lambda db: db.execute(
+            "INSERT INTO plugin_state VALUES (?, ?, ?) ON CONFLICT (owner, key) DO UPDATE SET value = excluded.value",
+            (owner, key, value)))
+
+    async def quarantine(self, source: str, reason: str, data: bytes) -> None:
+        await self.write(lambda db: db.execute(
+            "INSERT INTO quarantine (source, received_at, reason, data) VALUES (?, ?, ?, ?)",
+            (source, time.time(), reason, data)))
+
+    # -- pruning --------------------------------------------------------------------------------------
+
+    async def _prune_loop(self) -> None:
+        while True:
+            with trio.move_on_after(PRUNE_INTERVAL):
+                await self._prune_now.wait()
+            self._prune_now = trio.Event()
+            while await self.write(self._prune_chunk):
+                await trio.lowlevel.checkpoint()  # let other writes in between chunks
+
+    def request_prune(self) -> None:
+        self._prune_now.set()
+
+    def _prune_chunk(self, db: sqlite3.Connection) -> int:
+        """Delete up to one chunk of entries every active destination is done with and that are past
+        retention (or any such entries while the journal is over 90 % full). Returns rows deleted."""
+        names = sorted(self.active_destinations)
+        if names:
+            marks = ",".join("?" * len(names))
+            row = db.execute(f'SELECT min("offset") FROM destinations WHERE name IN ({marks})', names).fetchone()
+            floor = row[0] if row and row[0] is not None else 0
+        else:
+            floor = self._last_seq
+        pressure = self._used >= self.max_size * 0.9
+        cutoff = time.time() if pressure else time.time() - self.retention
+        deleted = db.execute(
+            "DELETE FROM entries WHERE seq IN (SELECT seq FROM entries WHERE seq <= ? ORDER BY seq LIMIT ?)"
+            " AND received_at <= ?", (floor, PRUNE_CHUNK, cutoff)).rowcount
+        return deleted
+
+
+def _advance(db: sqlite3.Connection, destination: str) -> int | None:
+    """Move the offset over the leading run of done batches; returns the new offset if it moved."""
+    offset = None
+    for first, last, done in db.execute(
+            "SELECT first_seq, last_seq, done FROM pending WHERE destination = ? ORDER BY first_seq",
+            (destination,)).fetchall():
+        if not done:
+            break
+        offset = last
+        db.execute("DELETE FROM pending WHERE destination = ? AND first_seq = ?", (destination, first))
+    if offset is not None:
+        db.execute('UPDATE destinations SET "offset" = ? WHERE name = ?', (offset, destination))
+    return offset
+
+
+class JournalReader:
+    """A read connection for one delivery loop."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self._state_dir = state_dir
+        self._db: sqlite3.Connection | None = None
+        self._limiter = trio.CapacityLimiter(1)
+
+    def _query(self, sql: str, args: tuple[Any, ...]) -> list[Row]:
+        if self._db is None:
+            self._db = connect(self._state_dir, readonly=True)
+        return [Row(*r) for r in self._db.execute(sql, args)]
+
+    async def read_after(self, after_seq: int, limit: int) -> list[Row]:
+        return await trio.to_thread.run_sync(
+            self._query, f"SELECT {_ROW_COLUMNS} FROM entries WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after_seq, limit), limiter=self._limiter)
+
+    async def read_range(self, first: int, last: int) -> list[Row]:
+        return await trio.to_thread.run_sync(
+            self._query, f"SELECT {_ROW_COLUMNS} FROM entries WHERE seq BETWEEN ? AND ? ORDER BY seq",
+            (first, last), limiter=self._limiter)
+
+    async def close(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            await trio.to_thread.run_sync(db.close, limiter=self._limiter)
+
+
+class JournalStateStore:
+    """`StateStore` for one plugin instance, kept in the journal's `plugin_state` table."""
+
+    def __init__(self, journal: Journal, owner: str) -> None:
+        self._journal = journal
+        self._owner = owner
+
+    async def load(self, key: str) -> str | None:
+        return await self._journal.load_state(self._owner, key)
+
+    async def save(self, key: str, value: str) -> None:
+        await self._journal.save_state(self._owner, key, value)

@@ -1,0 +1,152 @@
+"""The journal's SQLite schema, its migrations, and how a connection is opened.
+
+Each migration runs in the same transaction as the row that records it, so a crash mid-migration leaves
+the previous schema intact.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+from relay.errors import JournalError
+
+JOURNAL_FILE = "journal.sqlite3"
+
+
+def m001_initial(db: sqlite3.Connection) -> None:
+    db.executescript(
+        """
+        CREATE TABLE entries (
+            seq          INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused, even after pruning
+            key          BLOB UNIQUE,       -- identity for dedupe; NULL for re-deliveries
+            source       TEXT NOT NULL,
+            route        TEXT,              -- NULL: every destination; else only this one (replays)
+            received_at  REAL NOT NULL,
+            occurred_at  REAL NOT NULL,
+            action       TEXT NOT NULL,
+            actor_type   TEXT NOT NULL,
+            target_types TEXT NOT NULL,
+            data         BLOB NOT NULL
+        );
+        CREATE TABLE sources (
+            name         TEXT PRIMARY KEY,
+            cursor       TEXT,
+            updated_at   REAL,
+            last_success_at REAL
+        );
+        CREATE TABLE destinations (
+            name             TEXT PRIMARY KEY,
+            "offset"         INTEGER NOT NULL,  -- every entry up to here is done for this destination
+            created_at       REAL NOT NULL,
+            state            TEXT NOT NULL DEFAULT 'up',
+            state_reason     TEXT,
+            state_since      REAL,
+            delivered        INTEGER NOT NULL DEFAULT 0,
+            last_success_at  REAL,
+            last_occurred_at REAL,             -- newest occurred_at delivered: the freshness
+            removed_at       REAL
+        );
+        CREATE TABLE pending (                 -- batch boundaries recorded before the first attempt
+            destination TEXT NOT NULL,
+            first_seq   INTEGER NOT NULL,
+            last_seq    INTEGER NOT NULL,
+            attributes  TEXT NOT NULL DEFAULT '{}',
+            done        INTEGER NOT NULL DEFAULT 0,
+            created_at  REAL NOT NULL,
+            PRIMARY KEY (destination, first_seq)
+        ) WITHOUT ROWID;
+        CREATE TABLE dead_letters (
+            id          INTEGER PRIMARY KEY AUTOINCREMENT,
+            destination TEXT NOT NULL,
+            seq         INTEGER NOT NULL,
+            source      TEXT NOT NULL,
+            occurred_at REAL NOT NULL,
+            action      TEXT NOT NULL,
+            failed_at   REAL NOT NULL,
+            reason      TEXT NOT NULL,
+            data        BLOB NOT NULL
+        );
+        CREATE INDEX dead_letters_by_destination ON dead_letters (destination, id);
+        CREATE TABLE quarantine (
+            id          INTEGER PRIMARY KEY AUTOINCREMENT,
+            source      TEXT NOT NULL,
+            received_at REAL NOT NULL,
+            reason      TEXT NOT NULL,
+            data        BLOB NOT NULL
+        );
+        CREATE TABLE plugin_state (
+            owner TEXT NOT NULL,
+            key   TEXT NOT NULL,
+            value TEXT NOT NULL,
+            PRIMARY KEY (owner, key)
+        ) WITHOUT ROWID;
+        """
+    )
+
+
+MIGRATIONS: list[tuple[str, Callable[[sqlite3.Connection], None]]] = [
+    ("m001_initial", m001_initial),
+]
+
+
+def connect(state_dir: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    """Open (and if needed create and migrate) the journal in `state_dir`."""
+    path = state_dir / JOURNAL_FILE
+    try:
+        if readonly:
+            if not path.exists():
+                raise JournalError(f"no journal at {path} (has the relay run with this state_dir?)")
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
+                                 check_same_thread=False, timeout=10)
+        else:
+            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA foreign_keys=OFF")
+        db.execute("PRAGMA cache_size=-16000")  # 16 MiB per connection
+        if not readonly:
+            _migrate(db)
+        return db
+    except sqlite3.DatabaseError as exc:
+        raise JournalError(f"cannot open the journal {path}: {exc}") from exc
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    db.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+    applied = {row[0] for row in db.execute("SELECT name FROM migrations")}
+    known = {name for name, _ in MIGRATIONS}
+    if applied - known:
+        raise JournalError(f"the journal was written by a newer audit-relay (migrations {sorted(applied - known)})")
+    for name, step in MIGRATIONS:
+        if name in applied:
+            continue
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _statements(step):
+                db.execute(statement)
+            db.execute("INSERT INTO migrations VALUES (?, julianday('now'))", (name,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+
+def _statements(step: Callable[[sqlite3.Connection], None]) -> list[str]:
+    """A migration's statements, so they run inside our transaction (`executescript` would commit)."""
+    recorder = _Recorder()
+    step(recorder)  # type: ignore[arg-type]
+    return recorder.statements
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.statements: list[str] = []
+
+    def executescript(self, script: str) -> None:
+        self.statements.extend(s.strip() for s in script.split(";\n") if s.strip())
+
+    def execute(self, statement: str) -> None:
+        self.statements.append(statement)
