@@ -59,6 +59,7 @@ class DeliveryLoop:
         self.oldest_undelivered: float | None = None
         self._slots = trio.Semaphore(config.concurrency)
         self._stop = trio.Event()
+        self._offset_moved = trio.Event()
         self._m_delivered = metrics.delivered.labels(self.name)
         self._m_dead = metrics.dead_lettered.labels(self.name)
         self._m_filtered = metrics.filtered.labels(self.name)
@@ -70,6 +71,11 @@ class DeliveryLoop:
             self.name, self.config.type, self.state, self.reason, self.offset,
             max(0, self.journal.last_seq - self.offset), self.in_flight, self.last_success_at,
             self.newest_delivered, self.oldest_undelivered)
+
+    async def wait_offset(self, at_least: int) -> None:
+        """Return once the committed offset has reached `at_least`."""
+        while self.offset < at_least:
+            await self._offset_moved.wait()
 
     def stop(self) -> None:
         """Form no new batches; batches in flight carry on (the caller bounds them with a deadline)."""
@@ -257,6 +263,8 @@ class DeliveryLoop:
     def _moved(self, offset: int | None) -> None:
         if offset is not None:
             self.offset = offset
+            self._offset_moved.set()
+            self._offset_moved = trio.Event()
             self.oldest_undelivered = None
             if self.journal.statistics().full:
                 self.journal.request_prune()

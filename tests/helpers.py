@@ -79,13 +79,13 @@ async def running_relay(config: Config) -> AsyncIterator[Service]:
             stop.set()
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+async def wait_until(predicate: Callable[[], bool], deadline: float = 30.0, what: str = "condition") -> None:
     """Poll a condition that no event signals (a file another process writes, say), with a deadline."""
-    with trio.move_on_after(timeout):
-        while not predicate():
+    with trio.move_on_after(deadline):
+        while not predicate():  # noqa: ASYNC110 - an external condition: nothing to await
             await trio.sleep(0.02)
         return
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    raise AssertionError(f"timed out after {deadline}s waiting for {what}")
 
 
 def wait_until_sync(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:

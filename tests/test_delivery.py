@@ -30,10 +30,8 @@ async def test_transient_failures_then_success(tmp_path: Path, script: scripted.
         result = await service.sources["in"].intake.submit(_entries(5))
         assert result.accepted == 5
         await script.wait(lambda s: len(s.delivered) == 5)
-        loop = service.destinations["out"].loop
         with trio.fail_after(5):
-            while loop.offset != 5:
-                await trio.sleep(0.01)
+            await service.destinations["out"].loop.wait_offset(5)
     assert len(script.batches) == 4
     assert {b.id for b in script.batches} == {script.batches[0].id}, "a retried batch keeps its identity"
     assert [b.attempt for b in script.batches] == [1, 2, 3, 4]
