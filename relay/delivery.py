@@ -59,7 +59,7 @@ class DeliveryLoop:
         self.oldest_undelivered: float | None = None
         self._slots = trio.Semaphore(config.concurrency)
         self._stop = trio.Event()
-        self._offset_moved = trio.Event()
+        self._changed = trio.Event()
         self._m_delivered = metrics.delivered.labels(self.name)
         self._m_dead = metrics.dead_lettered.labels(self.name)
         self._m_filtered = metrics.filtered.labels(self.name)
@@ -75,7 +75,16 @@ class DeliveryLoop:
     async def wait_offset(self, at_least: int) -> None:
         """Return once the committed offset has reached `at_least`."""
         while self.offset < at_least:
-            await self._offset_moved.wait()
+            await self._changed.wait()
+
+    async def wait_state(self, state: str) -> None:
+        """Return once the destination is in `state` (and it is recorded in the journal)."""
+        while self.state != state:
+            await self._changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
 
     def stop(self) -> None:
         """Form no new batches; batches in flight carry on (the caller bounds them with a deadline)."""
@@ -256,15 +265,14 @@ class DeliveryLoop:
         if delivered:
             self.last_success_at = time.time()
             self.newest_delivered = max(self.newest_delivered or 0.0, newest or 0.0)
-        self._moved(moved)
         if self.state != "up" and (delivered or dead):
             await self._set_state("up", None)
+        self._moved(moved)
 
     def _moved(self, offset: int | None) -> None:
         if offset is not None:
             self.offset = offset
-            self._offset_moved.set()
-            self._offset_moved = trio.Event()
+            self._notify()
             self.oldest_undelivered = None
             if self.journal.statistics().full:
                 self.journal.request_prune()
@@ -273,7 +281,7 @@ class DeliveryLoop:
         if state == self.state:
             self.reason = reason
             return
-        previous, self.state, self.reason = self.state, state, reason
+        previous = self.state
         if state == "halted":
             self.log.error("destination_halted", reason=reason,
                            hint="fix the configuration or credentials; retrying every retry.max_backoff")
@@ -282,3 +290,5 @@ class DeliveryLoop:
         elif previous != "starting":
             self.log.info("destination_recovered", previous=previous)
         await self.journal.set_destination_state(self.name, state, reason)
+        self.state, self.reason = state, reason
+        self._notify()
