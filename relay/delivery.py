@@ -231,7 +231,11 @@ class DeliveryLoop:
                 delay = backoff.next_delay(result.after)
                 self.log.debug("retry_scheduled", batch=batch.id, attempt=attempt, delay=round(delay, 3),
                                reason=result.reason)
-            await trio.sleep(delay)
+            with trio.move_on_after(delay):
+                await self._stop.wait()
+                self.log.info("batch_left_for_restart", batch=batch.id,
+                              hint="waiting for a retry when the relay stopped; it is sent first on restart")
+                return
 
     def _log_rejected(self, batch: Batch, reasons: dict[int, str], resend: int) -> None:
         if reasons:
