@@ -15,8 +15,8 @@ from pathlib import Path
 
 import trio
 import yaml
-from common import ROOT, Report, cpu_seconds, peak_rss_bytes
 
+from common import ROOT, Report, cpu_seconds, peak_rss_bytes
 from relay.entry import prepare
 from relay.intake import JournalIntake
 from relay.journal import Journal
@@ -45,20 +45,21 @@ async def journal_rates(entries: list[dict[str, object]], report: Report) -> Non
                 await nursery.start(journal.run)
                 started = time.perf_counter()
 
-                async def writer(mine: list[list]) -> None:  # type: ignore[type-arg]
-                    for part in mine:
-                        if validate:
-                            await intake.submit(part)
-                        else:
-                            await journal.append("bench", part, (), None, keep_cursor=True)
-
                 async with trio.open_nursery() as writers_nursery:
                     for w in range(writers):
-                        writers_nursery.start_soon(writer, chunks[w::writers])
+                        writers_nursery.start_soon(_writer, journal, intake, chunks[w::writers], validate)
                 elapsed = time.perf_counter() - started
                 nursery.cancel_scope.cancel()
             await journal.close()
             report.add(f"journal {label}", len(entries) / elapsed, "entries/s")
+
+
+async def _writer(journal: Journal, intake: JournalIntake, chunks: list[list], validate: bool) -> None:  # type: ignore[type-arg]
+    for part in chunks:
+        if validate:
+            await intake.submit(part)
+        else:
+            await journal.append("bench", part, (), None, keep_cursor=True)
 
 
 def end_to_end(n: int, report: Report) -> None:
