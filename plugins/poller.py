@@ -167,6 +167,9 @@ class PollSource(relay.Source):
     Settings = PollSettings
     settings: PollSettings
 
+    transport: httpx.AsyncBaseTransport | None = None
+    """httpx's own network transport unless set (tests put an in-process fake API here)."""
+
     def __init__(self, context: relay.Context, settings: PollSettings) -> None:
         super().__init__(context, settings)
         self.state = ""
@@ -175,6 +178,7 @@ class PollSource(relay.Source):
         self._m_requests = context.counter("poll_requests_total", "API requests, by HTTP status.", ("code",))
         self._m_success = context.gauge("poll_last_success_timestamp_seconds", "When a page was last committed.")
         self._client: httpx.AsyncClient | None = None
+        self._changed = trio.Event()
         self._endpoint = str(httpx.URL(settings.url).copy_with(query=None))
         """The URL without its query (which might carry a key), for logs."""
 
@@ -183,7 +187,8 @@ class PollSource(relay.Source):
         headers.update({name: value.reveal() for name, value in self.settings.headers.items()})
         if self.settings.auth is not None:
             headers["authorization"] = f"Bearer {self.settings.auth.bearer_token.reveal()}"
-        self._client = httpx.AsyncClient(headers=headers, timeout=self.settings.timeout, follow_redirects=True)
+        self._client = httpx.AsyncClient(headers=headers, timeout=self.settings.timeout, follow_redirects=True,
+                                         transport=self.transport)
 
     async def close(self) -> None:
         if self._client is not None:
@@ -192,9 +197,9 @@ class PollSource(relay.Source):
 
     # -- one request ----------------------------------------------------------------------------------
 
-    def _request(self, position: Position) -> tuple[str, dict[str, str]]:
+    def _request(self, position: Position) -> httpx.URL:
         if position.next is not None and self.settings.pagination == "link":
-            return position.next, {}
+            return httpx.URL(position.next)
         params: dict[str, str] = {}
         if self.settings.page_size_param:
             params[self.settings.page_size_param] = str(self.settings.page_size)
@@ -202,14 +207,14 @@ class PollSource(relay.Source):
             params[self.settings.since_param] = position.since
         if position.next is not None:
             params[self.settings.cursor_param] = position.next
-        return self.settings.url, params
+        # Merged by hand: httpx's `params=` would replace a query the configured URL already has.
+        return httpx.URL(self.settings.url).copy_merge_params(params)
 
     async def fetch(self, position: Position) -> Page | Retry | Halt:
         """One API request for the page at `position`, classified."""
         assert self._client is not None, "open() must run first"
-        url, params = self._request(position)
         try:
-            response = await self._client.get(url, params=params)
+            response = await self._client.get(self._request(position))
         except httpx.TransportError as exc:
             self._m_requests.labels("error").inc()
             return Retry(f"no answer from {self._endpoint}: {type(exc).__name__}: {exc}")
@@ -305,9 +310,16 @@ class PollSource(relay.Source):
         watermark = rfc3339(newest) if newest > -math.inf else None
         return replace(position, next=page.next, watermark=watermark)
 
+    async def wait_state(self, state: str) -> None:
+        """Return once the source is in `state` (for tests and embedding)."""
+        while self.state != state:
+            await self._changed.wait()
+
     def _set_state(self, state: str, reason: str | None = None) -> None:
         if (state, reason) == (self.state, self.reason):
             return
+        self._changed.set()
+        self._changed = trio.Event()
         recovered = self.state in ("backoff", "halted", "paused")
         self.state, self.reason = state, reason
         for candidate in STATES:
