@@ -26,6 +26,7 @@ MAX_RECORD = 16 * 1024 * 1024
 """A line, array item or CSV row larger than this is not an audit entry: it is quarantined (its first
 64 KiB) and skipped, rather than read into memory."""
 _KEEP = 64 * 1024
+_AFTER_SCALAR = frozenset(" \t\r\n,]}")
 _READ = 1024 * 1024
 _JSON_COLUMNS = frozenset({"actor", "targets", "context", "metadata"})
 """CSV columns (and any `*.metadata`) whose cells hold JSON text."""
@@ -37,6 +38,8 @@ csv.field_size_limit(max(csv.field_size_limit(), MAX_RECORD))
 class Chunk:
     items: list[Any] = field(default_factory=list)
     """Parsed values, each still to pass entry validation."""
+    origins: list[tuple[str, bytes]] = field(default_factory=list)
+    """For each item: where it was (`line 12 (byte 3456)`) and its raw bytes, for a quarantine record."""
     bad: list[tuple[bytes, str]] = field(default_factory=list)
     """`(raw input, reason)` for records that could not be parsed: quarantined."""
     offset: int = 0
@@ -81,9 +84,9 @@ class JsonlReader:
                 chunk.done = True
                 break
             self.offset += len(line)
+            self.records += 1  # a record is a line, blank or not, so line numbers match an editor's
             if len(line) > MAX_RECORD and not line.endswith(b"\n"):
                 self.offset += _skip_line(self.f)
-                self.records += 1
                 chunk.bad.append((line[:_KEEP], f"line {self.records} (byte {start}) is longer than "
                                                 f"{MAX_RECORD} bytes; its first {_KEEP} bytes are kept"))
                 continue
@@ -92,12 +95,13 @@ class JsonlReader:
                 text = text.removeprefix(codecs.BOM_UTF8)
             if not text:
                 continue
-            self.records += 1
+            where = f"line {self.records} (byte {start})"
             try:
                 chunk.items.append(orjson.loads(text))
             except orjson.JSONDecodeError as exc:
-                chunk.bad.append((line.rstrip(b"\r\n"), f"line {self.records} (byte {start}) is not valid JSON: "
-                                                         f"{exc.msg} at column {exc.colno}"))
+                chunk.bad.append((line.rstrip(b"\r\n"), f"{where} is not valid JSON: {exc.msg} at column {exc.colno}"))
+            else:
+                chunk.origins.append((where, text))
         chunk.offset, chunk.records = self.offset, self.records
         return chunk
 
@@ -136,6 +140,8 @@ class JsonArrayReader:
             offset = 0  # nothing was read yet: start over, which also re-checks the opening [
         self.records = records
         self.state = "open" if offset == 0 else "separator"
+        self.item_end = offset
+        """Byte offset just after the last item read: where a resumed reader expects `,` or `]`."""
         self.buf = ""
         self.pos = 0
         self.eof = False
@@ -176,6 +182,8 @@ class JsonArrayReader:
                 self._step(chunk)
         except _Broken as exc:
             chunk.error = f"{exc} (after {self.records} items)"
+            chunk.offset, chunk.records = self.item_end, self.records
+            return chunk
         chunk.offset, chunk.records = self.offset, self.records
         return chunk
 
@@ -219,14 +227,19 @@ class JsonArrayReader:
                 self._want = min(self._want * 2, MAX_RECORD)  # an item longer than the window: read more
                 self._fill()
                 continue
-            if end == len(self.buf) and not self.eof:  # a number or literal may go on in the next read
-                self._fill()
+            if not self.eof and (end == len(self.buf) or (not isinstance(value, dict | list | str)
+                                                          and self.buf[end] not in _AFTER_SCALAR)):
+                self._fill()  # a number or literal cut off by the window (`-1` of `-1.5e10`): read on
                 continue
             break
         self.records += 1
+        start = self.offset
+        raw = self.buf[self.pos:end].encode("utf-8")
         self._consume(end)
+        self.item_end = self.offset
         self._want = _READ
         chunk.items.append(value)
+        chunk.origins.append((f"item {self.records} (byte {start})", raw))
         self.state = "separator"
 
 
@@ -281,10 +294,14 @@ class CsvReader:
             if not any(cell.strip() for cell in row):
                 continue
             self.records += 1
+            raw = b"".join(self._row_raw).rstrip(b"\r\n")
+            where = f"row {self.records} (byte {start})"
             try:
                 chunk.items.append(self.entry(row))
             except ValueError as exc:
-                chunk.bad.append((b"".join(self._row_raw).rstrip(b"\r\n"), f"row {self.records} (byte {start}): {exc}"))
+                chunk.bad.append((raw, f"{where}: {exc}"))
+            else:
+                chunk.origins.append((where, raw))
         chunk.offset, chunk.records = self.offset, self.records
         return chunk
 

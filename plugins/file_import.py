@@ -25,16 +25,17 @@ import hashlib
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import Any, BinaryIO, Literal
 
 import orjson
 import trio
 from pydantic import Field
 
 import relay
+from relay.entry import prepare
 from relay.importer import Progress
 
-from .file_formats import Chunk, CsvReader, Format, detect, open_reader
+from .file_formats import Chunk, CsvReader, Format, JsonArrayReader, JsonlReader, detect, open_reader
 
 FINGERPRINT_BYTES = 64 * 1024
 REQUIRED_COLUMNS = ("action", "occurred_at", "actor.type", "actor.id")
@@ -85,6 +86,22 @@ def _fingerprint(f: BinaryIO) -> tuple[str, bytes, int]:
     head = f.read(FINGERPRINT_BYTES)
     size = os.fstat(f.fileno()).st_size
     return hashlib.sha256(head).hexdigest()[:32], head, size
+
+
+def _read(reader: JsonlReader | JsonArrayReader | CsvReader, limit: int) -> Chunk:
+    """The next chunk, with invalid entries moved to `bad` under their line or row (an index into a chunk
+    would mean nothing to whoever fixes the file). Runs in a worker thread, beside the previous commit."""
+    chunk = reader.read(limit)
+    valid: list[Any] = []
+    for item, (where, raw) in zip(chunk.items, chunk.origins, strict=True):
+        try:
+            prepare(item)
+        except relay.EntryError as exc:
+            chunk.bad.append((raw, f"{where}: {exc}"))
+        else:
+            valid.append(item)
+    chunk.items = valid
+    return chunk
 
 
 class FileImportSource(relay.Source):
@@ -153,7 +170,7 @@ class FileImportSource(relay.Source):
             async def produce() -> None:
                 async with send:
                     while True:
-                        chunk = await trio.to_thread.run_sync(reader.read, self.settings.chunk_entries)
+                        chunk = await trio.to_thread.run_sync(_read, reader, self.settings.chunk_entries)
                         await send.send(chunk)
                         if chunk.done or chunk.error:
                             return
