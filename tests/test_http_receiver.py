@@ -4,6 +4,7 @@ means the entries are journaled (tested by SIGKILL right after the answer)."""
 from __future__ import annotations
 
 import gzip
+import re
 import socket
 import ssl
 import stat
@@ -19,6 +20,7 @@ import orjson
 import pytest
 import trio
 import trustme
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -29,7 +31,17 @@ from relay.journal import Journal
 from relay_plugins.http_auth import sign
 from relay_plugins.http_bodies import BodyCollector, BodyError, BodyTooLarge, inflate, parse_entries
 from relay_plugins.http_receiver import HttpSettings, HttpSource
-from tests.helpers import RelayProcess, config_dict, entry, free_port, write_config
+from tests.helpers import (
+    ROOT,
+    RelayProcess,
+    config_dict,
+    entry,
+    free_port,
+    make_config,
+    running_relay,
+    wait_until,
+    write_config,
+)
 from tests.journal_harness import context_for, intake_for, open_journal, quarantined, stored
 
 TOKEN = "push-token-0123456789abcdef"
@@ -611,3 +623,29 @@ def test_a_200_means_the_entries_survive_kill_9(tmp_path: Path) -> None:
     finally:
         relay_process.stop_quietly()
     assert len(acknowledged) >= 600
+
+
+# -- the README's example --------------------------------------------------------------------------------------
+
+async def test_the_readme_curl_example_against_the_demo_configuration(tmp_path: Path) -> None:
+    """examples/demo.yaml with its state moved to tmp_path, and the body of the README's curl command."""
+    demo = yaml.safe_load((ROOT / "examples" / "demo.yaml").read_text())
+    demo.update(state_dir=str(tmp_path / "state"), metrics={"listen": None})
+    demo["sources"]["push"]["listen"] = "127.0.0.1:0"
+    demo["destinations"]["output"]["path"] = str(tmp_path / "output.jsonl")
+    readme = (ROOT / "README.md").read_text()
+    body = re.search(r"curl -sS http://127\.0\.0\.1:8088/v1/entries.*?--data '(.*?)'\n", readme, re.S)
+    assert body is not None, "the README has the curl example"
+    async with running_relay(make_config(demo)) as service:
+        token = (tmp_path / "state" / "push.token").read_text().splitlines()[-1]
+        assert stat.S_IMODE((tmp_path / "state" / "push.token").stat().st_mode) == 0o600
+        source = service.sources["push"].source
+        assert isinstance(source, HttpSource)
+        async with httpx.AsyncClient(base_url=source.addresses[0]) as client:
+            response = await client.post("/v1/entries", content=body.group(1).encode(),
+                                         headers={"authorization": f"Bearer {token}",
+                                                  "content-type": "application/json"})
+        assert response.json() == {"accepted": 1, "duplicates": 0, "quarantined": 0}
+        output = tmp_path / "output.jsonl"
+        await wait_until(lambda: output.exists() and b"my first pushed entry" in output.read_bytes(), 30,
+                         "the pushed entry in the output file")
