@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,7 +24,7 @@ def hypercorn_config(bind: str, *, cert_file: str | None = None, key_file: str |
     config.bind = [bind]
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
-    config.read_timeout = int(read_timeout)
+    config.read_timeout = max(1, math.ceil(read_timeout))  # whole seconds; 0 would mean "no timeout"
     config.keep_alive_timeout = keep_alive
     config.h11_max_incomplete_size = max_header_bytes
     config.graceful_timeout = 5
