@@ -170,16 +170,17 @@ def sign(secret: str, body: bytes, timestamp_ms: int) -> str:
     return f"t={timestamp_ms}, v1={digest}"
 
 
-def load_tokens(settings: AuthSettings, default_file: Path, log: Any) -> tuple[list[relay.Secret], str | None]:
+def load_tokens(settings: AuthSettings, token_file: Path, log: Any) -> tuple[list[relay.Secret], str | None]:
     """The accepted bearer tokens, and the token if this call generated one (so the caller can show it once).
 
+    `token_file` is read when `bearer_tokens_file` or `generate_token` is set (and created by the latter).
     Blocking (file I/O): call it in a worker thread.
     """
     tokens = list(settings.bearer_tokens)
-    path = settings.bearer_tokens_file or (default_file if settings.generate_token else None)
     generated = None
-    if path is None:
+    if settings.bearer_tokens_file is None and not settings.generate_token:
         return tokens, None
+    path = token_file
     if settings.generate_token and not path.exists():
         generated = secrets.token_urlsafe(32)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

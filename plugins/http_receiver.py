@@ -127,17 +127,23 @@ class HttpSource(relay.Source):
     # -- life cycle ------------------------------------------------------------------------------------
 
     async def open(self) -> None:
+        self._auth = await self._authenticator(generate=False)
+
+    async def _authenticator(self, *, generate: bool) -> Authenticator | None:
+        """The configured credentials; None while a token is still to be generated, which only `run()`
+        does, so `relay check --connect` (open, check, close) writes nothing."""
         auth = self.settings.auth
         if auth == "none":
-            self._auth = Authenticator(None)
-            return
-        default_file = self.context.state_dir / f"{self.name}.token"
-        tokens, generated = await trio.to_thread.run_sync(load_tokens, auth, default_file, self.log)
-        self._auth = Authenticator(auth, tokens)
+            return Authenticator(None)
+        token_file = auth.bearer_tokens_file or self.context.state_dir / f"{self.name}.token"
+        if auth.generate_token and not generate and not token_file.exists():
+            return None
+        tokens, generated = await trio.to_thread.run_sync(load_tokens, auth, token_file, self.log)
         if generated is not None and sys.stderr.isatty():
             # Shown once, on the terminal of whoever started the relay; never through the logs.
-            print(f"\naudit-relay: generated a bearer token for source {self.name!r}, stored in "
-                  f"{auth.bearer_tokens_file or default_file} (mode 0600):\n\n    {generated}\n", file=sys.stderr)
+            print(f"\naudit-relay: generated a bearer token for source {self.name!r}, stored in {token_file} "
+                  f"(mode 0600):\n\n    {generated}\n", file=sys.stderr)
+        return Authenticator(auth, tokens)
 
     def _config(self, listen: str) -> Any:
         tls = self.settings.tls
@@ -147,7 +153,9 @@ class HttpSource(relay.Source):
 
     async def run(self, intake: relay.Intake, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._intake = intake
-        assert self._auth is not None, "open() must run before run()"
+        if self._auth is None:
+            self._auth = await self._authenticator(generate=True)
+        assert self._auth is not None
         async with trio.open_nursery() as nursery:
             self.addresses = await nursery.start(asgi.serve, self.app, self._config(self.settings.listen))
             if self.settings.auth == "none":
@@ -171,9 +179,8 @@ class HttpSource(relay.Source):
                 ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(tls.cert_file, tls.key_file)
             except (OSError, ssl.SSLError) as exc:
                 raise relay.CheckFailed(f"TLS certificate or key unusable: {exc}") from None
-        assert self._auth is not None
-        return f"can listen on {self.settings.listen}{' with TLS' if self.settings.tls else ''}; " \
-               f"auth: {self._auth.describe()}"
+        auth = self._auth.describe() if self._auth else "bearer (a token is generated at first start)"
+        return f"can listen on {self.settings.listen}{' with TLS' if self.settings.tls else ''}; auth: {auth}"
 
     # -- the ASGI application -------------------------------------------------------------------------
 

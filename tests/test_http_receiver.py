@@ -232,6 +232,12 @@ async def test_bearer_and_signature_are_both_required_when_both_are_set(tmp_path
 
 async def test_generated_token_is_stored_0600_and_kept(tmp_path: Path) -> None:
     state = tmp_path / "state"
+    checked = HttpSource(relay.Context("push", "source", state), HttpSettings.model_validate(
+        {"listen": "127.0.0.1:0", "auth": {"generate_token": True}}))
+    await checked.open()  # what `relay check --connect` does: it must not create the token
+    assert "a token is generated at first start" in await checked.check()
+    await checked.close()
+    assert not (state / "push.token").exists()
     async with open_journal(state) as journal:
         async with receiving(journal, {"generate_token": True}) as (_, client):
             token_file = state / "push.token"
