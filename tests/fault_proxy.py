@@ -37,6 +37,8 @@ class FaultProxy:
     fail_count: int = 0
     """In `fail` mode, answer this many requests with `fail_response`, then forward the rest."""
     fail_response: bytes = b""
+    hold_forwarded: int | None = None
+    """In `hold` mode, forward only this many held requests; later ones never reach the peer (None: all)."""
     methods: frozenset[str] = frozenset({"PUT"})
     """Only these methods are failed or held; others are always forwarded."""
     seen: list[Seen] = field(default_factory=list)
@@ -67,6 +69,10 @@ class FaultProxy:
             self._server.shutdown()
             self._server.server_close()
 
+    def count(self, method: str = "PUT") -> int:
+        with self._lock:
+            return sum(1 for seen in self.seen if seen.method == method)
+
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
@@ -80,6 +86,10 @@ class FaultProxy:
                     self.fail_count -= 1
                     return "fail"
                 return "forward"
+            if self.mode == "hold" and self.hold_forwarded is not None:
+                if self.hold_forwarded <= 0:
+                    return "stall"
+                self.hold_forwarded -= 1
             return self.mode
 
     def _handle(self, client: socket.socket) -> None:
@@ -99,6 +109,9 @@ class FaultProxy:
                 return
             if action == "drop":
                 client.close()
+                return
+            if action == "stall":
+                self._stopped.wait()  # neither the peer nor the client ever hears of it
                 return
             with socket.create_connection(self.upstream, timeout=30) as upstream:
                 upstream.sendall(head + body)

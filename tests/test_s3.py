@@ -19,15 +19,30 @@ import httpx
 import orjson
 import pytest
 import trio
-from fault_proxy import fault_proxy, s3_error
-from moto_s3 import MotoS3
 from pydantic import ValidationError
-from relay_plugins.s3 import S3Destination, S3Settings
 from structlog.testing import capture_logs
 
 import relay
 from relay.catalog import load_catalog
+from relay.errors import ConfigError
 from relay.metrics import REGISTRY
+from relay_plugins.s3 import S3Destination, S3Settings
+from tests import scripted
+from tests.fault_proxy import fault_proxy, s3_error
+from tests.helpers import (
+    RelayProcess,
+    config_dict,
+    destination_row,
+    entry,
+    journal_db,
+    journal_entries,
+    make_config,
+    metric_value,
+    running_relay,
+    wait_until_sync,
+    write_config,
+)
+from tests.moto_s3 import MotoS3
 
 T0 = datetime(2024, 5, 14, 9, 59, 58, 123456, tzinfo=UTC)
 
@@ -548,3 +563,99 @@ def test_secrets_are_masked_in_settings() -> None:
                                           "secret_access_key": "very-secret-value"})
     assert "very-secret-value" not in repr(settings)
     assert "very-secret-value" not in settings.model_dump_json()
+
+
+# -- through the whole relay ---------------------------------------------------------------------------------
+
+
+def s3_config(moto: MotoS3, bucket: str, endpoint: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "s3", "bucket": bucket, "endpoint_url": endpoint, "access_key_id": moto.relay.id,
+            "secret_access_key": moto.relay.secret, **extra}
+
+
+def lines_by_key(moto: MotoS3, bucket: str) -> dict[str, list[bytes]]:
+    return {key: gzip.decompress(body).splitlines() for key, body in moto.objects(bucket).items()}
+
+
+async def test_relay_rides_out_a_503_storm_and_delivers_every_entry_once(moto: MotoS3, tmp_path: Path) -> None:
+    bucket = moto.new_bucket()
+    storm = s3_error(503, "Slow Down", "SlowDown", "Please reduce your request rate.")
+    with fault_proxy(("127.0.0.1", moto.port), mode="fail", fail_count=6, fail_response=storm) as proxy:
+        config = make_config(config_dict(tmp_path, {"in": {"type": "manual"}}, {"archive": s3_config(
+            moto, bucket, proxy.url, batch={"max_entries": 20, "max_wait": "10ms"},
+            retry={"initial_backoff": "10ms", "max_backoff": "50ms"})}), extra=[scripted])
+        submitted = [entry(occurred_at=f"2024-05-14T09:30:{i:02d}.000000Z", n=i) for i in range(60)]
+        async with running_relay(config) as service:
+            assert (await service.sources["in"].intake.submit(submitted)).accepted == 60
+            with trio.fail_after(30):
+                await service.destinations["archive"].loop.wait_offset(60)
+    objects = lines_by_key(moto, bucket)
+    delivered = [orjson.loads(line)["n"] for key in sorted(objects) for line in objects[key]]
+    assert delivered == list(range(60))
+    assert [s.outcome for s in proxy.seen].count("fail") == 6
+    assert proxy.count("PUT") == 6 + len(objects)
+    assert metric_value("audit_relay_destination_retries_total", destination="archive", outcome="retry") >= 6
+
+
+def test_kill_9_during_upload_then_restart_same_keys_no_duplicate_no_gap(moto: MotoS3, tmp_path: Path) -> None:
+    """Kill the relay while uploads are in flight: one already stored by S3, others never arrived."""
+    bucket = moto.new_bucket()
+    state = tmp_path / "state"
+    total = 2000
+    with fault_proxy(("127.0.0.1", moto.port), mode="hold", hold_forwarded=1) as proxy:
+        config = write_config(tmp_path / "relay.yaml", config_dict(
+            tmp_path, sources={"demo": {"type": "demo", "rate": 20000, "count": total}},
+            destinations={"archive": {
+                **s3_config(moto, bucket, proxy.url, concurrency=4, batch={"max_entries": 250, "max_wait": "100ms"}),
+                "access_key_id": "${TEST_S3_KEY_ID}", "secret_access_key": "${TEST_S3_SECRET}"}}))
+        relay_process = RelayProcess(config, tmp_path / "relay.log",
+                                     env={"TEST_S3_KEY_ID": moto.relay.id, "TEST_S3_SECRET": moto.relay.secret})
+        try:
+            relay_process.start()
+            wait_until_sync(lambda: proxy.held.is_set() and proxy.count("PUT") >= 4, 30, "4 uploads in flight")
+            relay_process.kill()
+            before = moto.objects(bucket)
+            with journal_db(state) as db:
+                recorded = {orjson.loads(row[0])["key"]
+                            for row in db.execute("SELECT attributes FROM pending WHERE done = 0")}
+            assert len(before) == 1, "exactly the one upload the proxy let through was stored"
+            assert set(before) <= recorded and len(recorded) >= 4
+
+            proxy.mode = "forward"
+            relay_process.start()
+
+            def caught_up() -> bool:
+                row = destination_row(state, "archive")
+                return len(journal_entries(state)) == total and row.get("offset") == journal_entries(state)[-1][0]
+
+            wait_until_sync(caught_up, 60, "every entry produced and delivered")
+            assert relay_process.terminate() == 0
+        finally:
+            relay_process.stop_quietly()
+
+    after = moto.objects(bucket)
+    assert after.items() >= before.items(), "the object stored before the kill is untouched"
+    assert recorded <= set(after), "resumed batches went to the keys recorded before the kill"
+    journaled = dict(journal_entries(state))
+    covered: list[int] = []
+    for key, body in sorted(after.items()):
+        first, last = (int(n) for n in key.rsplit("/", 1)[1].removesuffix(".jsonl.gz").split("-"))
+        seqs = list(range(first, last + 1))
+        assert gzip.decompress(body).splitlines() == [journaled[s] for s in seqs], f"{key}: its range, in order"
+        covered.extend(seqs)
+    assert covered == sorted(journaled), "every journaled entry in exactly one object: no gap, no duplicate"
+    events = relay_process.events()
+    present = [e["key"] for e in events if e.get("event") == "s3_object_already_present"]
+    assert present == list(before)
+    assert sum(1 for e in events if e.get("event") == "batch_resumed") == len(recorded)
+    assert moto.relay.secret not in relay_process.log_text()
+
+
+def test_config_errors_name_the_destination(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as error:
+        make_config(config_dict(tmp_path, destinations={"archive": {
+            "type": "s3", "bucket": "audit", "kms_key_id": "alias/audit", "secret_access_key": "s3cr3t-value"}}))
+    text = str(error.value)
+    assert "destinations.archive" in text
+    assert "access_key_id and secret_access_key go together" in text
+    assert "s3cr3t-value" not in text
