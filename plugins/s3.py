@@ -306,7 +306,7 @@ class S3Destination(relay.Destination):
         try:
             response = await self._client.put(upload.url, content=upload.body, headers=upload.headers)
         except httpx.TransportError as exc:
-            return relay.RetryLater(f"{where}: {type(exc).__name__}: {exc}")
+            return _transport_failure(where, exc)
         self._m_duration.observe(time.perf_counter() - started)
         if response.is_success:
             self._m_objects.inc()
@@ -352,7 +352,7 @@ class S3Destination(relay.Destination):
         except _CredentialsUnavailable as exc:
             raise relay.CheckFailed(str(exc)) from None
         except httpx.TransportError as exc:
-            raise relay.CheckFailed(f"{where}: {type(exc).__name__}: {exc}") from None
+            raise relay.CheckFailed(_transport_failure(where, exc).reason) from None
         region = response.headers.get("x-amz-bucket-region")
         if response.is_success:
             if region and region != self._region:
@@ -372,6 +372,17 @@ class S3Destination(relay.Destination):
             except (_CredentialsUnavailable, httpx.TransportError):
                 pass
         raise relay.CheckFailed(self._failure(error, where).reason)
+
+
+def _transport_failure(where: str, exc: httpx.TransportError) -> relay.Halted | relay.RetryLater:
+    """Network trouble is retried; a certificate this host does not trust needs someone to act."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return relay.Halted(f"{where}: the server's TLS certificate is not trusted ({cause.verify_message}); "
+                                "for a private CA, set ca_file")
+        cause = cause.__cause__ or cause.__context__
+    return relay.RetryLater(f"{where}: {type(exc).__name__}: {exc}")
 
 
 @dataclass(frozen=True)

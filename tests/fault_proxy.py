@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import socketserver
+import ssl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,6 +45,8 @@ class FaultProxy:
     seen: list[Seen] = field(default_factory=list)
     held: threading.Event = field(default_factory=threading.Event)
     """Set when a request has been forwarded and its answer withheld."""
+    tls: ssl.SSLContext | None = None
+    """Serve HTTPS to the client with this server context (the upstream leg stays plain)."""
     port: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: socketserver.ThreadingTCPServer | None = None
@@ -54,7 +57,13 @@ class FaultProxy:
 
         class Handler(socketserver.BaseRequestHandler):
             def handle(self) -> None:
-                proxy._handle(self.request)
+                client = self.request
+                if proxy.tls is not None:
+                    try:
+                        client = proxy.tls.wrap_socket(client, server_side=True)
+                    except (ssl.SSLError, OSError):
+                        return  # the client refused our certificate
+                proxy._handle(client)
 
         server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler, bind_and_activate=True)
         server.daemon_threads = True
@@ -75,7 +84,7 @@ class FaultProxy:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def _decide(self, method: str) -> str:
         with self._lock:

@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import re
 import socket
+import ssl
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -19,6 +20,7 @@ import httpx
 import orjson
 import pytest
 import trio
+import trustme
 from pydantic import ValidationError
 from structlog.testing import capture_logs
 
@@ -266,6 +268,25 @@ async def test_connection_closed_without_an_answer_is_retried(moto: MotoS3, tmp_
             result = await dest.send(formed(dest, make_batch(make_entries(1, 1))))
     assert isinstance(result, relay.RetryLater)
     assert "RemoteProtocolError" in result.reason
+
+
+async def test_tls_with_a_private_ca_needs_ca_file(moto: MotoS3, tmp_path: Path) -> None:
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    bucket = moto.new_bucket()
+    with fault_proxy(("127.0.0.1", moto.port), tls=server_context) as proxy:
+        untrusting = moto_destination(moto, tmp_path, bucket, endpoint=proxy.url)
+        async with opened(untrusting):
+            refused = await untrusting.send(formed(untrusting, make_batch(make_entries(1, 1))))
+        trusting = moto_destination(moto, tmp_path, bucket, endpoint=proxy.url, ca_file=str(tmp_path / "ca.pem"))
+        async with opened(trusting):
+            assert await trusting.send(formed(trusting, make_batch(make_entries(1, 1)))) == relay.Delivered()
+            assert bucket in await trusting.check()
+    assert isinstance(refused, relay.Halted)
+    assert "TLS certificate is not trusted" in refused.reason and "set ca_file" in refused.reason
+    assert len(moto.objects(bucket)) == 1
 
 
 async def test_unreachable_endpoint_is_retried(tmp_path: Path) -> None:
