@@ -121,7 +121,8 @@ class DeliveryLoop:
                     moved = await self.journal.record_batch(self.name, first, last, {}, done=True)
                     self._moved(moved)
                     continue
-                batch = Batch(self.name, first, last, batch.entries, self.destination.describe(batch))
+                formed = Batch(self.name, first, last, batch.entries)  # boundaries as recorded, after the cut
+                batch = Batch(self.name, first, last, batch.entries, self.destination.describe(formed))
                 await self.journal.record_batch(self.name, first, last, dict(batch.attributes))
                 self._m_filtered.inc(len(rows_used) - len(batch.entries))
                 nursery.start_soon(self._deliver, batch)

@@ -149,3 +149,31 @@ async def test_plugin_exception_is_retried_not_lost(tmp_path: Path, script: scri
         with trio.fail_after(5):
             await service.destinations["out"].loop.wait_offset(2)
     assert [e.seq for e in script.delivered] == [1, 2]
+
+
+class _Describing(scripted.ScriptedDestination):
+    type_name = "describing"
+
+    def describe(self, batch: relay.Batch) -> dict[str, str]:
+        return {"id": batch.id, "entries": str(len(batch))}
+
+
+class _DescribingPlugin:
+    @relay.hookimpl
+    def register_destination_types(self, register):  # type: ignore[no-untyped-def]
+        register(_Describing)
+
+
+async def test_describe_sees_the_boundaries_that_are_recorded(tmp_path: Path, script: scripted.Script) -> None:
+    """A batch cut short by max_bytes is described with its own last entry, as recorded (S3 keys use it)."""
+    dest = {"type": "describing", "script": "main", "batch": {"max_entries": 100, "max_bytes": 1000,  # ~3 entries
+                                                                "max_wait": "10ms"}}
+    config = make_config(config_dict(tmp_path, {"in": {"type": "manual"}}, {"out": dest}),
+                         extra=[scripted, _DescribingPlugin()])
+    async with running_relay(config) as service:
+        await service.sources["in"].intake.submit(_entries(12))
+        with trio.fail_after(5):
+            await service.destinations["out"].loop.wait_offset(12)
+    assert len(script.batches) > 1, "the byte limit cut the entries into several batches"
+    for batch in script.batches:
+        assert batch.attributes == {"id": batch.id, "entries": str(len(batch))}
