@@ -594,6 +594,12 @@ def s3_config(moto: MotoS3, bucket: str, endpoint: str, **extra: Any) -> dict[st
             "secret_access_key": moto.relay.secret, **extra}
 
 
+def seqs_of(key: str) -> list[int]:
+    """The journal sequence numbers an object's key names: `<prefix><first>-<last>.jsonl.gz`."""
+    first, last = (int(n) for n in key.rsplit("/", 1)[1].removesuffix(".jsonl.gz").split("-"))
+    return list(range(first, last + 1))
+
+
 def lines_by_key(moto: MotoS3, bucket: str) -> dict[str, list[bytes]]:
     return {key: gzip.decompress(body).splitlines() for key, body in moto.objects(bucket).items()}
 
@@ -603,7 +609,7 @@ async def test_relay_rides_out_a_503_storm_and_delivers_every_entry_once(moto: M
     storm = s3_error(503, "Slow Down", "SlowDown", "Please reduce your request rate.")
     with fault_proxy(("127.0.0.1", moto.port), mode="fail", fail_count=6, fail_response=storm) as proxy:
         config = make_config(config_dict(tmp_path, {"in": {"type": "manual"}}, {"archive": s3_config(
-            moto, bucket, proxy.url, batch={"max_entries": 20, "max_wait": "10ms"},
+            moto, bucket, proxy.url, batch={"max_entries": 20, "max_bytes": "2KiB", "max_wait": "10ms"},
             retry={"initial_backoff": "10ms", "max_backoff": "50ms"})}), extra=[scripted])
         submitted = [entry(occurred_at=f"2024-05-14T09:30:{i:02d}.000000Z", n=i) for i in range(60)]
         async with running_relay(config) as service:
@@ -613,6 +619,9 @@ async def test_relay_rides_out_a_503_storm_and_delivers_every_entry_once(moto: M
     objects = lines_by_key(moto, bucket)
     delivered = [orjson.loads(line)["n"] for key in sorted(objects) for line in objects[key]]
     assert delivered == list(range(60))
+    assert len(objects) > 3, "the byte limit cut batches short of max_entries"
+    for key, lines in objects.items():
+        assert len(lines) == len(seqs_of(key)), f"{key} names the range of entries it holds"
     assert [s.outcome for s in proxy.seen].count("fail") == 6
     assert proxy.count("PUT") == 6 + len(objects)
     assert metric_value("audit_relay_destination_retries_total", destination="archive", outcome="retry") >= 6
@@ -660,8 +669,7 @@ def test_kill_9_during_upload_then_restart_same_keys_no_duplicate_no_gap(moto: M
     journaled = dict(journal_entries(state))
     covered: list[int] = []
     for key, body in sorted(after.items()):
-        first, last = (int(n) for n in key.rsplit("/", 1)[1].removesuffix(".jsonl.gz").split("-"))
-        seqs = list(range(first, last + 1))
+        seqs = seqs_of(key)
         assert gzip.decompress(body).splitlines() == [journaled[s] for s in seqs], f"{key}: its range, in order"
         covered.extend(seqs)
     assert covered == sorted(journaled), "every journaled entry in exactly one object: no gap, no duplicate"
