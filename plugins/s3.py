@@ -216,13 +216,21 @@ class S3Destination(relay.Destination):
         if endpoint is None:
             suffix = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
             endpoint = f"https://s3.{region}.{suffix}"
-        path_style = self.settings.path_style
-        if path_style is None:
-            path_style = self.settings.endpoint_url is not None or "." in bucket
-        if path_style:
+        if self._path_style:
             return f"{endpoint}/{quote(bucket, safe='')}"
         url = httpx.URL(endpoint)
         return str(url.copy_with(host=f"{bucket}.{url.host}")).rstrip("/")
+
+    @property
+    def _bucket_url(self) -> str:
+        """The bucket itself: `/bucket` path-style, `/` on a virtual host (an empty path would sign wrongly)."""
+        return self._base if self._path_style else f"{self._base}/"
+
+    @property
+    def _path_style(self) -> bool:
+        if self.settings.path_style is not None:
+            return self.settings.path_style
+        return self.settings.endpoint_url is not None or "." in self.settings.bucket
 
     # -- credentials --------------------------------------------------------------------------------------
 
@@ -314,13 +322,12 @@ class S3Destination(relay.Destination):
             self._m_raw.inc(upload.uncompressed)
             self.log.debug("s3_object_written", key=key, entries=len(batch), bytes=len(upload.body))
             return relay.Delivered()
-        error = _S3Error.parse(response)
         if response.status_code == 412:
             self._m_present.inc()
             self.log.info("s3_object_already_present", key=key, entries=len(batch),
                           hint="an earlier attempt stored this batch; counted as delivered")
             return relay.Delivered()
-        return self._failure(error, where)
+        return self._failure(_S3Error.parse(response), where)
 
     def _failure(self, error: _S3Error, where: str) -> relay.Halted | relay.RetryLater:
         reason = f"{where}: {error}"
@@ -347,8 +354,8 @@ class S3Destination(relay.Destination):
         assert self._client is not None, "check() before open()"
         where = f"HeadBucket s3://{self.settings.bucket}"
         try:
-            headers = await trio.to_thread.run_sync(self._sign, "HEAD", self._base, {}, b"")
-            response = await self._client.head(self._base, headers=headers)
+            headers = await trio.to_thread.run_sync(self._sign, "HEAD", self._bucket_url, {}, b"")
+            response = await self._client.head(self._bucket_url, headers=headers)
         except _CredentialsUnavailable as exc:
             raise relay.CheckFailed(str(exc)) from None
         except httpx.TransportError as exc:
@@ -363,7 +370,7 @@ class S3Destination(relay.Destination):
         error = _S3Error.parse(response)
         if not error.code:
             # HEAD answers carry no body: ask the same question with GET (ListObjectsV2, no keys) for the code.
-            url = f"{self._base}/?list-type=2&max-keys=0"
+            url = f"{self._bucket_url}?list-type=2&max-keys=0"
             try:
                 headers = await trio.to_thread.run_sync(self._sign, "GET", url, {}, b"")
                 again = await self._client.get(url, headers=headers)

@@ -469,20 +469,24 @@ async def test_request_headers_checksums_encryption_and_signature(tmp_path: Path
         assert name in signed
 
 
-@pytest.mark.parametrize(("settings", "url"), [
-    ({}, "https://audit-archive.s3.eu-west-1.amazonaws.com/k"),
-    ({"bucket": "audit.example.com"}, "https://s3.eu-west-1.amazonaws.com/audit.example.com/k"),
-    ({"region": "cn-north-1"}, "https://audit-archive.s3.cn-north-1.amazonaws.com.cn/k"),
-    ({"path_style": True}, "https://s3.eu-west-1.amazonaws.com/audit-archive/k"),
-    ({"endpoint_url": "https://minio.internal:9000/"}, "https://minio.internal:9000/audit-archive/k"),
-    ({"endpoint_url": "https://r2.example.net", "path_style": False}, "https://audit-archive.r2.example.net/k"),
+@pytest.mark.parametrize(("settings", "bucket_url"), [
+    ({}, "https://audit-archive.s3.eu-west-1.amazonaws.com/"),
+    ({"bucket": "audit.example.com"}, "https://s3.eu-west-1.amazonaws.com/audit.example.com"),
+    ({"region": "cn-north-1"}, "https://audit-archive.s3.cn-north-1.amazonaws.com.cn/"),
+    ({"path_style": True}, "https://s3.eu-west-1.amazonaws.com/audit-archive"),
+    ({"endpoint_url": "https://minio.internal:9000/"}, "https://minio.internal:9000/audit-archive"),
+    ({"endpoint_url": "https://r2.example.net", "path_style": False}, "https://audit-archive.r2.example.net/"),
 ])
-async def test_addressing(tmp_path: Path, settings: dict[str, Any], url: str) -> None:
+async def test_addressing(tmp_path: Path, settings: dict[str, Any], bucket_url: str) -> None:
+    """Objects and the bucket (HeadBucket), path-style or on a virtual host; never an empty path."""
     recorder = Recorder()
     dest = mocked(tmp_path, recorder, **settings)
     async with opened(dest):
-        await dest.send(make_batch(make_entries(1, 1), {"key": "k"}))
-    assert str(recorder.requests[0].url) == url
+        await dest.send(make_batch(make_entries(1, 1), {"key": "dt=1/k"}))
+        await dest.check()
+    put, head = recorder.requests
+    assert str(put.url) == f"{bucket_url.rstrip('/')}/dt%3D1/k"
+    assert (head.method, str(head.url)) == ("HEAD", bucket_url)
 
 
 def xml_error(status: int, code: str, message: str = "msg", headers: dict[str, str] | None = None,
