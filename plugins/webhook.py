@@ -8,17 +8,11 @@ retry, before or after a restart, carries the same id and a receiver can drop wh
 A 400, 413 or 422 answer makes the relay split the batch in halves until the refused entries stand alone;
 those go to the dead-letter store with the status and the receiver's words, the rest are delivered.
 
-Metrics:
-    # HELP audit_relay_webhook_requests_total HTTP requests made, by status class (2xx..5xx, or error).
-    # TYPE audit_relay_webhook_requests_total counter
-    # HELP audit_relay_webhook_request_duration_seconds One HTTP request, from sending to the answer read.
-    # TYPE audit_relay_webhook_request_duration_seconds histogram
-    # HELP audit_relay_webhook_sent_bytes_total Request body bytes sent (after compression).
-    # TYPE audit_relay_webhook_sent_bytes_total counter
+Metrics: `audit_relay_webhook_requests_total{status_class}`, `audit_relay_webhook_request_duration_seconds`
+and `audit_relay_webhook_sent_bytes_total` (see `relay_plugins.webhook_http`, which makes the requests).
 
 Logs: `webhook_batch_split` (warning: a 400/413/422 answer, the batch is split to find the refused
-entries), `webhook_redirect_followed` (info), `webhook_redirect_credentials_dropped` (warning: a redirect
-to another host, sent without `auth` and `headers`).
+entries), `webhook_split_plans_unreadable` (warning, at start), and those of `relay_plugins.webhook_http`.
 """
 
 from __future__ import annotations
@@ -28,9 +22,8 @@ import binascii
 import gzip
 import hashlib
 import hmac
-import http
+import json
 import re
-import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,23 +36,22 @@ from pydantic import AfterValidator, BeforeValidator, Field, field_validator, mo
 import relay
 from relay.retry import parse_retry_after
 
+from .webhook_http import Answer, WebhookHttp, origin, ssl_context, truncate
+
 RETRY_STATUSES = frozenset({408, 409, 425, 429})
 """Plus every 5xx: the receiver is busy, throttling or broken for now; the same request is sent again."""
 HALT_STATUSES = frozenset({401, 403, 404, 405, 410})
 """Credentials or address are wrong: nothing moves until someone fixes them (retried every max_backoff)."""
 SPLIT_STATUSES = frozenset({400, 413, 422})
 """The receiver refused the content: split the batch until the refused entries are found."""
-FOLLOWABLE = frozenset({301, 302, 307, 308})
-"""Redirects that are re-sent with the same method and body (never turned into a GET)."""
-MAX_REDIRECTS = 5
-READ_LIMIT = 64 * 1024
-"""Bytes of a response body read at most (for error reasons); the rest is discarded."""
 REASON_BYTES = 1024
 """Bytes of the receiver's body kept in a dead letter's reason."""
 CHECKPOINT = 1.0
 """Seconds after which a send that takes many requests (encoding `json`, a split) reports its progress, so
 a slow receiver can never make a batch outlast `send_timeout` and start over forever."""
 COMPRESS_IN_THREAD = 64 * 1024
+PLANS_KEY = "split_plans"
+MAX_PLANS = 64
 
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _RELAY_HEADERS = frozenset({
@@ -186,19 +178,16 @@ class WebhookSettings(relay.Settings):
 
 # -- the destination --------------------------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
-class _Answer:
-    """An HTTP answer, reduced to what decides the result."""
+@dataclass(slots=True)
+class _Plan:
+    """How the unsettled rest of a partly sent batch is to be sent: ranges relative to its first entry."""
 
-    status: int
-    phrase: str
-    headers: httpx.Headers
-    body: str
-    """Up to READ_LIMIT bytes of the body, decoded, secrets scrubbed."""
-
-    def describe(self, limit: int | None = None) -> str:
-        text = self.body if limit is None else _truncate(self.body, limit)
-        return f"HTTP {self.status} {self.phrase}" + (f": {text}" if text else "")
+    last_seq: int
+    count: int
+    ranges: list[tuple[int, int]]
+    outcome: relay.RetryLater | relay.Halted | None = None
+    """What the last attempt ended on; the rest's first attempt returns it (memory only)."""
+    at: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,20 +204,15 @@ class WebhookDestination(relay.Destination):
 
     def __init__(self, context: relay.Context, settings: WebhookSettings) -> None:
         super().__init__(context, settings)
-        self._url = httpx.URL(settings.url)
-        self._where = f"{settings.method} {_origin(self._url)}"
         self._keys = [_signing_key(secret) for secret in settings.signing_secrets]
-        self._base_headers, self._private_headers = self._static_headers()
+        self._base_headers, private_headers = self._static_headers()
         self._secrets = self._secret_texts()
-        self._client: httpx.AsyncClient | None = None
-        self._deferred: dict[int, tuple[relay.RetryLater | relay.Halted, float]] = {}
-        self._m_requests = context.counter(
-            "webhook_requests_total", "HTTP requests made, by status class (2xx..5xx, or error).",
-            ("status_class",))
-        self._m_duration = context.histogram(
-            "webhook_request_duration_seconds", "One HTTP request, from sending to the answer read.",
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
-        self._m_bytes = context.counter("webhook_sent_bytes_total", "Request body bytes sent (after compression).")
+        self._http = WebhookHttp(context, settings.url, timeout=settings.timeout,
+                                 follow_redirects=settings.follow_redirects, private_headers=private_headers,
+                                 scrub=self._scrub)
+        self._where = self._http.where(settings.method)
+        self._plans: dict[int, _Plan] = {}
+        self._saved_plans = "{}"
 
     def _static_headers(self) -> tuple[dict[str, str], frozenset[str]]:
         """Headers sent with every request, and the names of those that carry credentials."""
@@ -257,28 +241,40 @@ class WebhookDestination(relay.Destination):
             texts += [s.auth.basic.password.reveal(), _basic_credential(s.auth.basic)]
         return sorted({t for t in texts if len(t) >= 4}, key=len, reverse=True)
 
+    def _scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, relay.Secret.MASK)
+        return text
+
     async def open(self) -> None:
-        context = await trio.to_thread.run_sync(_ssl_context, self.settings.tls)
-        timeout = self.settings.timeout
-        self._client = httpx.AsyncClient(verify=context, timeout=httpx.Timeout(timeout), follow_redirects=False)
+        saved = await self.context.state.load(PLANS_KEY)
+        if saved:
+            try:
+                self._plans = {int(seq): _Plan(last, count, [(a, b) for a, b in ranges])
+                               for seq, (last, count, ranges) in json.loads(saved).items()}
+                self._saved_plans = saved
+            except (ValueError, TypeError):
+                self.log.warning("webhook_split_plans_unreadable", hint="split batches are sent whole again")
+        tls = self.settings.tls
+        context = await trio.to_thread.run_sync(ssl_context, tls.verify, tls.ca_file, tls.cert_file, tls.key_file)
+        self._http.open(context)
 
     async def close(self) -> None:
-        if self._client is not None:
-            client, self._client = self._client, None
-            await client.aclose()
+        await self._http.close()
 
     # -- sending ------------------------------------------------------------------------------------------
 
     async def send(self, batch: relay.Batch) -> relay.Result:
         if not batch.entries:
             return relay.Delivered()
-        deferred = self._take_deferred(batch.entries[0].seq)
-        if deferred is not None:
-            return deferred
-        if self.settings.encoding == "json":
-            pending = [(i, i + 1) for i in reversed(range(len(batch)))]
-        else:
-            pending = [(0, len(batch))]
+        plan = self._plans.get(batch.entries[0].seq)
+        if plan is not None and (plan.last_seq, plan.count) != (batch.entries[-1].seq, len(batch)):
+            plan = None
+        if plan is not None and plan.outcome is not None:
+            deferred, plan.outcome = _still_due(plan.outcome, plan.at), None
+            if deferred is not None:
+                return deferred
+        pending = list(reversed(plan.ranges if plan is not None else self._whole(len(batch))))
         reasons: dict[int, str] = {}
         split = False
         started = trio.current_time()
@@ -286,6 +282,7 @@ class WebhookDestination(relay.Destination):
         while pending:
             start, stop = pending.pop()
             if start > 0 and trio.current_time() - started >= CHECKPOINT:
+                await self._keep_plan(batch, start, [(start, stop), *reversed(pending)], None)
                 return relay.Rejected(reasons, resend_from=start)
             outcome = await self._post(batch.slice(start, stop))
             if outcome is None:
@@ -294,30 +291,46 @@ class WebhookDestination(relay.Destination):
                 if stop - start == 1:
                     reasons[start] = outcome.reason
                 else:
-                    middle = (start + stop) // 2
-                    pending += [(middle, stop), (start, middle)]
                     if not split:
                         split = True
                         self.log.warning("webhook_batch_split", batch=batch.id, entries=len(batch),
-                                         reason=_truncate(outcome.reason, 200))
+                                         reason=truncate(outcome.reason, 200))
+                    middle = (start + stop) // 2
+                    pending += [(middle, stop), (start, middle)]
                 continue
-            if start == 0:
-                return outcome
-            # Keep what is settled; the rest comes back as a new batch, which first gets this outcome.
-            self._deferred[batch.entries[start].seq] = (outcome, trio.current_time())
-            return relay.Rejected(reasons, resend_from=start)
+            # Settled entries are reported; the same ranges (so the same ids) are sent again first.
+            await self._keep_plan(batch, start, [(start, stop), *reversed(pending)], outcome if start else None)
+            return outcome if start == 0 else relay.Rejected(reasons, resend_from=start)
+        if self._plans:
+            await self._keep_plan(batch, len(batch), [], None)
         return relay.Rejected(reasons) if reasons else relay.Delivered()
 
-    def _take_deferred(self, first_seq: int) -> relay.Result | None:
-        """The outcome a partial send ended on, handed to the re-sent rest once, so it backs off first."""
-        found = self._deferred.pop(first_seq, None)
-        if found is None:
-            return None
-        outcome, at = found
-        if isinstance(outcome, relay.RetryLater) and outcome.after is not None:
-            left = outcome.after - (trio.current_time() - at)
-            return relay.RetryLater(outcome.reason, max(0.0, left)) if left > 0 else None
-        return outcome
+    def _whole(self, count: int) -> list[tuple[int, int]]:
+        """How a fresh batch is sent: one request per entry (`json`), else one for the whole batch."""
+        return [(i, i + 1) for i in range(count)] if self.settings.encoding == "json" else [(0, count)]
+
+    async def _keep_plan(self, batch: relay.Batch, start: int, left: list[tuple[int, int]],
+                         outcome: relay.RetryLater | relay.Halted | None) -> None:
+        """Remember how the unsettled rest (from `start`) of `batch` is to be sent, durably if it was split.
+
+        A range that failed may have been processed by the receiver anyway (a timeout, a 502 from a
+        proxy); re-sending exactly that range keeps its `webhook-id`, so the receiver's dedupe still works.
+        `outcome` is handed to the rest's first attempt, so it backs off instead of retrying at once.
+        """
+        self._plans.pop(batch.entries[0].seq, None)
+        if left:
+            count = len(batch) - start
+            ranges = [(a - start, b - start) for a, b in left]
+            if outcome is not None or ranges != self._whole(count):
+                self._plans[batch.entries[start].seq] = _Plan(
+                    batch.entries[-1].seq, count, ranges, outcome, trio.current_time())
+        while len(self._plans) > MAX_PLANS:
+            del self._plans[min(self._plans)]
+        saved = json.dumps({str(seq): [p.last_seq, p.count, p.ranges] for seq, p in sorted(self._plans.items())
+                            if p.ranges != self._whole(p.count)})
+        if saved != self._saved_plans:
+            await self.context.state.save(PLANS_KEY, saved)
+            self._saved_plans = saved
 
     async def _post(self, part: relay.Batch) -> _Refused | relay.RetryLater | relay.Halted | None:
         """One request for `part`: None if accepted, else why not."""
@@ -325,8 +338,8 @@ class WebhookDestination(relay.Destination):
         message_id = self._message_id(part, body)
         if self.settings.compression == "gzip":
             body = await _gzip(body)
-        answer = await self._exchange(self.settings.method, self._signed_headers(message_id, body), body)
-        if not isinstance(answer, _Answer):
+        answer = await self._http.exchange(self.settings.method, self._signed_headers(message_id, body), body)
+        if not isinstance(answer, Answer):
             return answer
         status = answer.status
         if 200 <= status < 300:
@@ -338,7 +351,7 @@ class WebhookDestination(relay.Destination):
                                     parse_retry_after(answer.headers.get("retry-after")))
         if 300 <= status < 400:
             to = answer.headers.get("location")
-            target = f" to {_origin(self._url.join(to))}" if to else ""
+            target = f" to {origin(self._http.url.join(to))}" if to else ""
             hint = "redirects are not followed" if not self.settings.follow_redirects else "not followed"
             return relay.Halted(f"{self._where}: HTTP {status} {answer.phrase}{target}; {hint} "
                                 "(check url, or set follow_redirects: true)")
@@ -376,73 +389,6 @@ class WebhookDestination(relay.Destination):
             headers["webhook-signature"] = " ".join(signatures)
         return headers
 
-    # -- HTTP ---------------------------------------------------------------------------------------------
-
-    async def _exchange(self, method: str, headers: dict[str, str],
-                        body: bytes) -> _Answer | relay.RetryLater | relay.Halted:
-        """The request, following redirects if allowed (same method, same body)."""
-        url = self._url
-        for _ in range(MAX_REDIRECTS + 1):
-            answer = await self._request(method, url, headers, body)
-            if not (isinstance(answer, _Answer) and self.settings.follow_redirects
-                    and answer.status in FOLLOWABLE and answer.headers.get("location")):
-                return answer
-            target = url.join(answer.headers["location"])
-            if target.scheme not in ("http", "https") or (url.scheme == "https" and target.scheme != "https"):
-                return relay.Halted(f"{self._where}: HTTP {answer.status} redirects to {_origin(target)}, "
-                                    "which is not https; not followed")
-            if target.host != url.host and self._private_headers & headers.keys():
-                headers = {k: v for k, v in headers.items() if k not in self._private_headers}
-                self.log.warning("webhook_redirect_credentials_dropped", to=_origin(target),
-                                 hint="auth and headers are not sent to another host")
-            self.log.info("webhook_redirect_followed", status=answer.status, to=_origin(target))
-            url = target
-        return relay.Halted(f"{self._where}: more than {MAX_REDIRECTS} redirects")
-
-    async def _request(self, method: str, url: httpx.URL, headers: dict[str, str],
-                       body: bytes) -> _Answer | relay.RetryLater | relay.Halted:
-        """One HTTP request; transport failures become results here and nowhere else."""
-        if self._client is None:
-            raise RuntimeError("the webhook destination is not open")
-        started = time.perf_counter()
-        status_class = "error"
-        try:
-            with trio.move_on_after(self.settings.timeout) as scope:
-                request = self._client.build_request(method, url, headers=headers, content=body)
-                response = await self._client.send(request, stream=True)
-                try:
-                    status_class = f"{response.status_code // 100}xx"
-                    raw = await _read_at_most(response, READ_LIMIT)
-                finally:
-                    await response.aclose()
-            if scope.cancelled_caught:
-                return relay.RetryLater(f"{self._where}: no complete answer within {self.settings.timeout:g}s")
-        except httpx.TimeoutException:
-            return relay.RetryLater(f"{self._where}: no answer within {self.settings.timeout:g}s")
-        except httpx.TransportError as exc:
-            return self._transport_failure(exc)
-        finally:
-            self._m_requests.labels(status_class).inc()
-            self._m_duration.observe(time.perf_counter() - started)
-            self._m_bytes.inc(len(body))
-        phrase = response.reason_phrase or _standard_phrase(response.status_code)
-        return _Answer(response.status_code, phrase, response.headers, self._scrub(_printable(raw)))
-
-    def _transport_failure(self, exc: httpx.TransportError) -> relay.RetryLater | relay.Halted:
-        detail = self._scrub(str(exc) or type(exc).__name__).replace(str(self._url), _origin(self._url))
-        cause: BaseException | None = exc
-        while cause is not None:
-            if isinstance(cause, ssl.SSLCertVerificationError):
-                return relay.Halted(f"{self._where}: the receiver's TLS certificate was not accepted "
-                                    f"({cause.verify_message}); check url, tls.ca_file or tls.verify")
-            cause = cause.__cause__ or cause.__context__
-        return relay.RetryLater(f"{self._where}: {type(exc).__name__}: {detail}")
-
-    def _scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, relay.Secret.MASK)
-        return text
-
     # -- check --------------------------------------------------------------------------------------------
 
     async def check(self) -> str:
@@ -450,13 +396,13 @@ class WebhookDestination(relay.Destination):
         headers = self._signed_headers(f"msg_check_{int(time.time())}", b"")
         headers.pop("content-encoding", None)
         method = "OPTIONS"
-        answer = await self._exchange(method, headers, b"")
-        if isinstance(answer, _Answer) and answer.status in (405, 501):
+        answer = await self._http.exchange(method, headers, b"")
+        if isinstance(answer, Answer) and answer.status in (405, 501):
             method = "HEAD"
-            answer = await self._exchange(method, headers, b"")
-        where = f"{method} {_origin(self._url)}"
-        if not isinstance(answer, _Answer):
-            raise relay.CheckFailed(answer.reason.replace(self._where, where))
+            answer = await self._http.exchange(method, headers, b"")
+        where = self._http.where(method)
+        if not isinstance(answer, Answer):
+            raise relay.CheckFailed(answer.reason)
         status = answer.status
         if status in (401, 403):
             raise relay.CheckFailed(f"{where}: credentials refused: {answer.describe(200)}")
@@ -470,34 +416,16 @@ class WebhookDestination(relay.Destination):
 
 # -- helpers ----------------------------------------------------------------------------------------------
 
-def _origin(url: httpx.URL) -> str:
-    """scheme://host[:port]: paths and queries may carry tokens (Slack, Zapier), so they are never shown."""
-    port = f":{url.port}" if url.port is not None else ""
-    host = f"[{url.host}]" if ":" in url.host else url.host
-    return f"{url.scheme}://{host}{port}"
+def _still_due(outcome: relay.RetryLater | relay.Halted, at: float) -> relay.Result | None:
+    """`outcome` again, with what is left of its Retry-After; None once that has passed."""
+    if isinstance(outcome, relay.RetryLater) and outcome.after is not None:
+        left = outcome.after - (trio.current_time() - at)
+        return relay.RetryLater(outcome.reason, left) if left > 0 else None
+    return outcome
 
 
 def _basic_credential(basic: BasicAuth) -> str:
     return base64.b64encode(f"{basic.username}:{basic.password.reveal()}".encode()).decode("ascii")
-
-
-def _ssl_context(tls: TlsSettings) -> ssl.SSLContext:
-    if not tls.verify:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    elif tls.ca_file is not None:
-        context = ssl.create_default_context(cafile=str(tls.ca_file))
-    else:
-        context = ssl.create_default_context()
-        paths = ssl.get_default_verify_paths()
-        if paths.cafile is None and paths.capath is None:
-            import certifi  # httpx's own dependency: the fallback when the system has no CA store
-
-            context.load_verify_locations(certifi.where())
-    if tls.cert_file is not None:
-        context.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
-    return context
 
 
 async def _gzip(body: bytes) -> bytes:
@@ -505,43 +433,6 @@ async def _gzip(body: bytes) -> bytes:
     if len(body) < COMPRESS_IN_THREAD:
         return gzip.compress(body, compresslevel=6, mtime=0)
     return await trio.to_thread.run_sync(lambda: gzip.compress(body, compresslevel=6, mtime=0))
-
-
-async def _read_at_most(response: httpx.Response, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.aiter_bytes():
-        chunks.append(chunk)
-        size += len(chunk)
-        if size >= limit:
-            break
-    return b"".join(chunks)[:limit]
-
-
-def _printable(raw: bytes) -> str:
-    text = raw.decode("utf-8", errors="replace")
-    return " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())
-
-
-def _truncate(text: str, limit: int) -> str:
-    """At most `limit` UTF-8 bytes of `text`, never cutting a character in two."""
-    data = text.encode()
-    return text if len(data) <= limit else data[:limit].decode("utf-8", errors="ignore") + "…"
-
-
-_PHRASES = {413: "Payload Too Large", 414: "URI Too Long", 416: "Range Not Satisfiable",
-            422: "Unprocessable Entity"}
-"""Names that differ between Python versions' `http.HTTPStatus`; these stay the same everywhere."""
-
-
-def _standard_phrase(status: int) -> str:
-    """For servers that send no reason phrase (HTTP/2, hypercorn, many frameworks)."""
-    if status in _PHRASES:
-        return _PHRASES[status]
-    try:
-        return http.HTTPStatus(status).phrase
-    except ValueError:
-        return ""
 
 
 @relay.hookimpl

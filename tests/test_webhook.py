@@ -20,17 +20,17 @@ import orjson
 import pytest
 import trio
 import trustme
-import yaml
-from relay_plugins import webhook
-from relay_plugins.webhook import WebhookDestination, WebhookSettings
-from webhook_receiver import POISON, Answer, Receiver, start_receiver, verify_from_spec
 
 import relay
-from relay.config import Config, parse_config
+from relay.config import Config
+from relay.context import MemoryStateStore
 from relay.logs import configure_logging
-from relay.metrics import REGISTRY
-from relay.plugins import load_registry
 from relay.service import Service
+from relay_plugins import webhook
+from relay_plugins.webhook import WebhookDestination, WebhookSettings
+from tests import scripted
+from tests.helpers import config_dict, dead_letters, make_config, metric_value, running_relay, wait_until
+from tests.webhook_receiver import POISON, Answer, Receiver, start_receiver, verify_from_spec
 
 BEARER = "bearer-6d1f0c2a-token"
 HEADER_SECRET = "hdr-4b7e-secret-value"
@@ -38,6 +38,7 @@ PASSWORD = "basic-pass-91c3"
 OLD_SECRET = "whsec_" + base64.b64encode(b"old signing key, 32 bytes long!!").decode()
 NEW_SECRET = "whsec_" + base64.b64encode(b"new signing key for the rotation").decode()
 WRONG_SECRET = "whsec_" + base64.b64encode(b"a key the relay has never seen!!").decode()
+ENV = {"WEBHOOK_TOKEN": BEARER, "API_KEY": HEADER_SECRET, "SIGNING_OLD": OLD_SECRET, "SIGNING_NEW": NEW_SECRET}
 SECRETS = [BEARER, HEADER_SECRET, PASSWORD, OLD_SECRET, NEW_SECRET, OLD_SECRET.removeprefix("whsec_")]
 
 
@@ -67,10 +68,10 @@ def rest_of(batch: relay.Batch, start: int) -> relay.Batch:
 
 
 @asynccontextmanager
-async def destination(tmp_path: Path, url: str, name: str = "hook", **settings: Any
-                      ) -> AsyncIterator[WebhookDestination]:
-    dest = WebhookDestination(relay.Context(name, "destination", tmp_path),
-                              WebhookSettings.model_validate({"url": url, **settings}))
+async def destination(tmp_path: Path, url: str, name: str = "hook", state: relay.StateStore | None = None,
+                      **settings: Any) -> AsyncIterator[WebhookDestination]:
+    context = relay.Context(name, "destination", tmp_path, state or MemoryStateStore())
+    dest = WebhookDestination(context, WebhookSettings.model_validate({"url": url, **settings}))
     await dest.open()
     try:
         yield dest
@@ -299,6 +300,35 @@ async def test_a_retryable_answer_mid_split_keeps_progress_and_backs_off(
     assert receiver.duplicates == 0
 
 
+@pytest.mark.parametrize("restart", [False, True])
+async def test_a_range_that_failed_mid_split_is_sent_again_as_it_was(
+        tmp_path: Path, receiver: Receiver, restart: bool) -> None:
+    """The receiver took [2,4) but its proxy answered 502: [2,4) must come back with the same id."""
+    values = [audit_entry(i, poison=i in (1, 6)) for i in range(8)]
+    batch = make_batch(values, first_seq=10)
+    # [0,8) 413 · [0,4) 413 · [0,2) 413 · [0,1) 200 · [1,2) 413 · [2,4) taken, then 502
+    receiver.script.extend([None] * 5 + [Answer(502, b"bad gateway", processed=True)])
+    state = MemoryStateStore()
+    async with destination(tmp_path, receiver.url, state=state) as dest:
+        first = await dest.send(batch)
+        assert isinstance(first, relay.Rejected) and first.resend_from == 2 and list(first.reasons) == [1]
+        failed_id = receiver.deliveries()[-1].id
+        rest = rest_of(batch, 2)
+        if not restart:
+            assert isinstance(await dest.send(rest), relay.RetryLater)  # backs off first, no request
+            assert len(receiver.deliveries()) == 6
+            result = await dest.send(rest)
+    if restart:
+        async with destination(tmp_path, receiver.url, state=state) as restarted:
+            result = await restarted.send(rest)
+    assert receiver.deliveries()[6].id == failed_id
+    assert isinstance(result, relay.Rejected)
+    assert result.resend_from is None and list(result.reasons) == [4]
+    assert receiver.duplicates == 1
+    taken = sorted(v["targets"][0]["name"] for v in receiver.processed_entries())
+    assert taken == sorted(f"CI key {i}" for i in range(8) if i not in (1, 6))
+
+
 # -- redirects and TLS ------------------------------------------------------------------------------------
 
 async def test_redirects_are_not_followed_by_default(tmp_path: Path, receiver: Receiver) -> None:
@@ -372,12 +402,9 @@ async def test_check_reports_the_status(tmp_path: Path, receiver: Receiver) -> N
 
 # -- settings ---------------------------------------------------------------------------------------------
 
-def _config(destination_settings: dict[str, Any], tmp_path: Path, sources: dict[str, Any] | None = None,
-            env: dict[str, str] | None = None) -> Config:
-    data = {"state_dir": str(tmp_path / "state"), "metrics": {"listen": None}, "shutdown_timeout": "200ms",
-            "sources": sources or {}, "destinations": {"hook": {"type": "webhook", **destination_settings}}}
-    return parse_config(yaml.safe_dump(data), "relay.yaml", load_registry(extra=[_ListSourcePlugin()]),
-                        env or {})
+def _config(destination_settings: dict[str, Any], tmp_path: Path, env: dict[str, str] | None = None) -> Config:
+    return make_config(config_dict(tmp_path, None, {"hook": {"type": "webhook", **destination_settings}}),
+                       env=env or {})
 
 
 @pytest.mark.parametrize(("settings", "message"), [
@@ -410,64 +437,18 @@ def test_header_values_are_secrets(tmp_path: Path) -> None:
 
 # -- through the whole relay ------------------------------------------------------------------------------
 
-class _ListSourceSettings(relay.Settings):
-    count: int
-    poison_at: int | None = None
+def _relay_config(tmp_path: Path, url: str) -> Config:
+    hook = {"type": "webhook", "url": url, "auth": {"bearer_token": "${WEBHOOK_TOKEN}"},
+            "headers": {"X-Api-Key": "${API_KEY}"}, "signing_secrets": ["${SIGNING_OLD}", "${SIGNING_NEW}"],
+            "encoding": "ndjson", "batch": {"max_entries": 16, "max_wait": "10ms"},
+            "retry": {"initial_backoff": "10ms", "max_backoff": "50ms"}}
+    data = config_dict(tmp_path, {"in": {"type": "manual"}}, {"hook": hook}, shutdown_timeout="200ms")
+    return make_config(data, extra=[scripted], env=ENV)
 
 
-class _ListSource(relay.Source):
-    """Submits `count` entries once (the cursor remembers), then idles."""
-
-    type_name = "test_list"
-    Settings = _ListSourceSettings
-    settings: _ListSourceSettings
-
-    async def run(self, intake: relay.Intake, *,
-                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        if intake.cursor is None:
-            values = [audit_entry(i, poison=(i == self.settings.poison_at)) for i in range(self.settings.count)]
-            await intake.submit(values, cursor="done")
-        await trio.sleep_forever()
-
-
-class _ListSourcePlugin:
-    @relay.hookimpl
-    def register_source_types(self, register: Any) -> None:
-        register(_ListSource)
-
-
-@asynccontextmanager
-async def running_relay(config: Config) -> AsyncIterator[Service]:
-    service = Service(config)
-    stop = trio.Event()
-    ready = trio.Event()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(lambda: service.run(stop, on_ready=lambda _: ready.set()))
-        await ready.wait()
-        try:
-            yield service
-        finally:
-            stop.set()
-
-
-async def wait_until(predicate: Any, what: str, deadline: float = 20.0) -> None:
-    """For conditions inside the relay that no event announces (an offset, a state)."""
-    with trio.move_on_after(deadline):
-        while not predicate():  # noqa: ASYNC110 - nothing to await: the loop's state is polled
-            await trio.sleep(0.01)
-        return
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _relay_settings(url: str, **extra: Any) -> dict[str, Any]:
-    return {"url": url, "auth": {"bearer_token": "${WEBHOOK_TOKEN}"}, "headers": {"X-Api-Key": "${API_KEY}"},
-            "signing_secrets": ["${SIGNING_OLD}", "${SIGNING_NEW}"], "encoding": "ndjson",
-            "batch": {"max_entries": 16, "max_wait": "10ms"},
-            "retry": {"initial_backoff": "10ms", "max_backoff": "50ms"}, **extra}
-
-
-ENV = {"WEBHOOK_TOKEN": BEARER, "API_KEY": HEADER_SECRET, "SIGNING_OLD": OLD_SECRET, "SIGNING_NEW": NEW_SECRET}
+async def _submit(service: Service, values: list[dict[str, Any]]) -> None:
+    result = await service.sources["in"].intake.submit(values)
+    assert result.accepted == len(values)
 
 
 async def test_through_the_relay_retries_dedupes_and_dead_letters_the_poisoned_entry(
@@ -475,41 +456,42 @@ async def test_through_the_relay_retries_dedupes_and_dead_letters_the_poisoned_e
     receiver.verifiers = {"old": OLD_SECRET, "new": NEW_SECRET}
     receiver.expect_authorization = f"Bearer {BEARER}"
     receiver.script.extend([Answer(429, b"", (("Retry-After", "1"),)), Answer(500, b"try again")])
-    config = _config(_relay_settings(receiver.url), tmp_path, {"list": {"type": "test_list", "count": 40,
-                                                                         "poison_at": 21}}, ENV)
+    config = _relay_config(tmp_path, receiver.url)
     async with running_relay(config) as service:
+        await _submit(service, [audit_entry(i, poison=(i == 21)) for i in range(40)])
         loop = service.destinations["hook"].loop
         await receiver.wait_for(lambda: len(receiver.processed_entries()) == 39, "39 entries")
-        await wait_until(lambda: loop.offset == 40, "the offset to reach the last entry")
+        await wait_until(lambda: loop.offset == 40, what="the offset to reach the last entry")
     first_batch = receiver.deliveries()[:3]
     assert [r.status for r in first_batch] == [429, 500, 200]
     assert len({r.id for r in first_batch}) == 1
     assert all(r.verified_by == ["old", "new"] for r in receiver.deliveries())
     names = [v["targets"][0]["name"] for v in receiver.processed_entries()]
     assert sorted(names) == sorted(f"CI key {i}" for i in range(40) if i != 21)
-    dead = _dead_letters(config.state_dir)
+    dead = dead_letters(config.state_dir, "hook")
     assert [(seq, json.loads(data)["targets"][0]["name"]) for seq, _, data in dead] == [(22, POISON)]
     assert dead[0][1] == 'HTTP 413 Payload Too Large: {"error": "entry too large", "auth_seen": "Bearer ********"}'
     logs = captured_logs.getvalue()
     assert "entries_dead_lettered" in logs and "webhook_batch_split" in logs and "destination_retrying" in logs
     for secret in SECRETS:
         assert secret not in logs
-    assert _sample("audit_relay_webhook_requests_total", "4xx") >= 1
-    assert _sample("audit_relay_webhook_requests_total", "2xx") >= 3
-    assert _sample("audit_relay_webhook_request_duration_seconds_count", None) >= 5
+    assert metric_value("audit_relay_webhook_requests_total", destination="hook", status_class="4xx") >= 1
+    assert metric_value("audit_relay_webhook_requests_total", destination="hook", status_class="2xx") >= 3
+    assert metric_value("audit_relay_webhook_request_duration_seconds_count", destination="hook") >= 5
 
 
 async def test_through_the_relay_401_halts_and_keeps_every_entry(tmp_path: Path, receiver: Receiver,
                                                                  captured_logs: io.StringIO) -> None:
     receiver.always = Answer(401, b'{"error": "token revoked"}')
-    config = _config(_relay_settings(receiver.url), tmp_path, {"list": {"type": "test_list", "count": 5}}, ENV)
+    config = _relay_config(tmp_path, receiver.url)
     async with running_relay(config) as service:
+        await _submit(service, [audit_entry(i) for i in range(5)])
         loop = service.destinations["hook"].loop
         await receiver.wait_for(lambda: len(receiver.deliveries()) >= 1, "a request")
-        await wait_until(lambda: loop.state == "halted", "the destination to halt")
+        await wait_until(lambda: loop.state == "halted", what="the destination to halt")
         assert loop.reason == f'POST {receiver.url}: HTTP 401 Unauthorized: {{"error": "token revoked"}}'
         assert loop.offset == 0
-    assert not _dead_letters(config.state_dir)
+    assert not dead_letters(config.state_dir, "hook")
     logs = captured_logs.getvalue()
     assert "destination_halted" in logs
     for secret in SECRETS:
@@ -518,8 +500,9 @@ async def test_through_the_relay_401_halts_and_keeps_every_entry(tmp_path: Path,
 
 async def test_through_the_relay_a_restart_resends_with_the_same_id(tmp_path: Path, receiver: Receiver) -> None:
     receiver.always = Answer(503, b"maintenance")
-    config = _config(_relay_settings(receiver.url), tmp_path, {"list": {"type": "test_list", "count": 3}}, ENV)
-    async with running_relay(config):
+    config = _relay_config(tmp_path, receiver.url)
+    async with running_relay(config) as service:
+        await _submit(service, [audit_entry(i) for i in range(3)])
         await receiver.wait_for(lambda: len(receiver.deliveries()) >= 2, "two attempts")
     before = {r.id for r in receiver.deliveries()}
     assert len(before) == 1
@@ -527,17 +510,3 @@ async def test_through_the_relay_a_restart_resends_with_the_same_id(tmp_path: Pa
     async with running_relay(config):
         await receiver.wait_for(lambda: len(receiver.processed_entries()) == 3, "the entries after restart")
     assert set(receiver.processed) == before
-
-
-def _dead_letters(state_dir: Path) -> list[tuple[int, str, bytes]]:
-    import sqlite3
-
-    from relay.journal_schema import JOURNAL_FILE
-
-    with sqlite3.connect(f"file:{state_dir / JOURNAL_FILE}?mode=ro", uri=True) as db:
-        return list(db.execute("SELECT seq, reason, data FROM dead_letters WHERE destination = 'hook' ORDER BY id"))
-
-
-def _sample(name: str, status_class: str | None) -> float:
-    labels = {"destination": "hook"} | ({"status_class": status_class} if status_class else {})
-    return REGISTRY.get_sample_value(name, labels) or 0.0
