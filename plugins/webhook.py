@@ -200,6 +200,8 @@ class _Refused:
 class WebhookDestination(relay.Destination):
     type_name = "webhook"
     Settings = WebhookSettings
+    batch_defaults = relay.BatchDefaults(max_entries=500, max_bytes=1024 * 1024, max_wait=1.0)
+    """1 MiB stays under common receiver body limits (nginx's default client_max_body_size is 1 MiB)."""
     settings: WebhookSettings
 
     def __init__(self, context: relay.Context, settings: WebhookSettings) -> None:

@@ -11,6 +11,7 @@ import gzip
 import io
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -29,7 +30,7 @@ from relay.service import Service
 from relay_plugins import webhook
 from relay_plugins.webhook import WebhookDestination, WebhookSettings
 from tests import scripted
-from tests.helpers import config_dict, dead_letters, make_config, metric_value, running_relay, wait_until
+from tests.helpers import ROOT, config_dict, dead_letters, make_config, metric_value, running_relay, wait_until
 from tests.webhook_receiver import POISON, Answer, Receiver, start_receiver, verify_from_spec
 
 BEARER = "bearer-6d1f0c2a-token"
@@ -383,6 +384,43 @@ async def test_tls_with_a_private_ca(tmp_path: Path, nursery: trio.Nursery) -> N
         assert await trusting.send(make_batch([audit_entry(1)])) == relay.Delivered()
         assert (await trusting.check()).startswith(f"OPTIONS {url}: HTTP 204")
     assert len(tls_receiver.processed) == 1
+
+
+# -- the receiver-side snippet in docs/webhook.md ---------------------------------------------------------
+
+def _docs_receiver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """The Python handler from docs/webhook.md, run as a reader would copy it (its database in tmp_path)."""
+    text = (ROOT / "docs" / "webhook.md").read_text()
+    code = next(block for block in re.findall(r"```python\n(.*?)```", text, re.S) if "def handle(" in block)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "docs/webhook.md", "exec"), namespace)
+    return namespace
+
+
+async def test_the_receiver_snippet_in_the_docs_verifies_and_dedupes(
+        tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    docs = _docs_receiver(tmp_path, monkeypatch)
+    docs["SECRETS"] = [NEW_SECRET]
+    async with destination(tmp_path, receiver.url, encoding="ndjson", compression="gzip",
+                           signing_secrets=[OLD_SECRET, NEW_SECRET]) as dest:
+        assert await dest.send(make_batch([audit_entry(i) for i in range(3)])) == relay.Delivered()
+    async with destination(tmp_path, receiver.url, signing_secrets=[NEW_SECRET]) as dest:
+        assert await dest.send(make_batch([audit_entry(i) for i in range(3, 5)], first_seq=4)) == relay.Delivered()
+    gzipped, plain = receiver.deliveries()
+    try:
+        assert docs["handle"](gzipped.headers, gzipped.raw) == 200
+        assert docs["handle"](plain.headers, plain.raw) == 200
+        assert docs["handle"](gzipped.headers, gzipped.raw) == 200  # a retry: accepted, not stored again
+        assert docs["db"].execute("SELECT count(*) FROM audit").fetchone() == (5,)
+        assert docs["handle"](plain.headers, plain.raw.replace(b"CI key 3", b"CI key 9")) == 401
+        middle = len(gzipped.raw) // 2
+        flipped = gzipped.raw[:middle] + bytes([gzipped.raw[middle] ^ 1]) + gzipped.raw[middle + 1:]
+        assert docs["handle"](gzipped.headers, flipped) == 401
+        docs["SECRETS"] = [WRONG_SECRET]
+        assert docs["handle"](plain.headers, plain.raw) == 401
+    finally:
+        docs["db"].close()
 
 
 # -- check ------------------------------------------------------------------------------------------------
