@@ -88,7 +88,8 @@ SigningSecret = Annotated[relay.Secret, AfterValidator(_checked_signing_secret)]
 
 
 class BasicAuth(relay.Settings):
-    username: str = Field(min_length=1)
+    username: str = Field(min_length=1, pattern=r"^[^:]*$")
+    """No `:` (RFC 7617: it separates the user name from the password)."""
     password: relay.Secret
 
 
@@ -226,7 +227,7 @@ class WebhookDestination(relay.Destination):
             headers["authorization"] = f"Bearer {s.auth.bearer_token.reveal()}"
         elif s.auth is not None and s.auth.basic is not None:
             headers["authorization"] = f"Basic {_basic_credential(s.auth.basic)}"
-        private = frozenset({"authorization", *(name.lower() for name in s.headers)})
+        private = frozenset({"authorization", *(name.lower() for name in s.headers)} - {"content-type", "user-agent"})
         return headers, private
 
     def _secret_texts(self) -> list[str]:
