@@ -181,8 +181,8 @@ async def test_ids_differ_by_destination_boundaries_and_content(tmp_path: Path, 
         await a.send(make_batch(values, first_seq=1))
         await b.send(make_batch(values, first_seq=1))
         await a.send(make_batch(values, first_seq=7))
-        # Same boundaries, other entries (a filter changed between a crash and the re-send): a new id.
-        await a.send(relay.Batch("a", 1, 2, make_batch([values[0]]).entries))
+        # Same positions, other content (drop_fields changed between a crash and the re-send): a new id.
+        await a.send(make_batch([values[1], values[0]], first_seq=1))
     ids = [r.id for r in receiver.deliveries()]
     assert len(set(ids)) == 4
 
