@@ -224,7 +224,7 @@ class DeliveryLoop:
                              first_reason=next(iter(reasons.values())), resend=resend)
 
     async def _attempt(self, batch: Batch) -> Result:
-        timeout = self.config.delivery.send_timeout
+        timeout = self.destination.attempt_timeout(self.config.delivery.send_timeout)
         started = time.perf_counter()
         try:
             with trio.move_on_after(timeout) as scope:
