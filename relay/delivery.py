@@ -59,6 +59,7 @@ class DeliveryLoop:
         self.oldest_undelivered: float | None = None
         self._slots = trio.Semaphore(config.concurrency)
         self._stop = trio.Event()
+        self._changed = trio.Event()
         self._m_delivered = metrics.delivered.labels(self.name)
         self._m_dead = metrics.dead_lettered.labels(self.name)
         self._m_filtered = metrics.filtered.labels(self.name)
@@ -70,6 +71,20 @@ class DeliveryLoop:
             self.name, self.config.type, self.state, self.reason, self.offset,
             max(0, self.journal.last_seq - self.offset), self.in_flight, self.last_success_at,
             self.newest_delivered, self.oldest_undelivered)
+
+    async def wait_offset(self, at_least: int) -> None:
+        """Return once the committed offset has reached `at_least`."""
+        while self.offset < at_least:
+            await self._changed.wait()
+
+    async def wait_state(self, state: str) -> None:
+        """Return once the destination is in `state` (and it is recorded in the journal)."""
+        while self.state != state:
+            await self._changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
 
     def stop(self) -> None:
         """Form no new batches; batches in flight carry on (the caller bounds them with a deadline)."""
@@ -216,7 +231,11 @@ class DeliveryLoop:
                 delay = backoff.next_delay(result.after)
                 self.log.debug("retry_scheduled", batch=batch.id, attempt=attempt, delay=round(delay, 3),
                                reason=result.reason)
-            await trio.sleep(delay)
+            with trio.move_on_after(delay):
+                await self._stop.wait()
+                self.log.info("batch_left_for_restart", batch=batch.id,
+                              hint="waiting for a retry when the relay stopped; it is sent first on restart")
+                return
 
     def _log_rejected(self, batch: Batch, reasons: dict[int, str], resend: int) -> None:
         if reasons:
@@ -250,13 +269,14 @@ class DeliveryLoop:
         if delivered:
             self.last_success_at = time.time()
             self.newest_delivered = max(self.newest_delivered or 0.0, newest or 0.0)
-        self._moved(moved)
         if self.state != "up" and (delivered or dead):
             await self._set_state("up", None)
+        self._moved(moved)
 
     def _moved(self, offset: int | None) -> None:
         if offset is not None:
             self.offset = offset
+            self._notify()
             self.oldest_undelivered = None
             if self.journal.statistics().full:
                 self.journal.request_prune()
@@ -265,7 +285,7 @@ class DeliveryLoop:
         if state == self.state:
             self.reason = reason
             return
-        previous, self.state, self.reason = self.state, state, reason
+        previous = self.state
         if state == "halted":
             self.log.error("destination_halted", reason=reason,
                            hint="fix the configuration or credentials; retrying every retry.max_backoff")
@@ -274,3 +294,5 @@ class DeliveryLoop:
         elif previous != "starting":
             self.log.info("destination_recovered", previous=previous)
         await self.journal.set_destination_state(self.name, state, reason)
+        self.state, self.reason = state, reason
+        self._notify()

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
+import trio
 
 from relay import metrics
 from relay.entry import NewEntry, prepare
@@ -44,6 +45,7 @@ class JournalIntake:
         self._closed = True
 
     async def submit(self, items: Sequence[Any], *, cursor: str | None = UNCHANGED) -> SubmitResult:
+        await trio.lowlevel.checkpoint()
         if self._closed:
             raise JournalUnavailable("the relay is stopping", retry_after=5.0)
         accepted: list[NewEntry] = []
@@ -80,4 +82,6 @@ class JournalIntake:
         self._m_quarantined.inc()
 
     async def wait_writable(self) -> None:
+        if self._closed:
+            await trio.sleep_forever()  # the relay is stopping: this source is about to be cancelled
         await self._journal.wait_writable()

@@ -147,6 +147,7 @@ class Journal:
         return time.monotonic() < self._disk_full_until
 
     async def wait_writable(self) -> None:
+        await trio.lowlevel.checkpoint()
         while not self.writable:
             if self._disk_full() and not self._full:
                 await trio.sleep(self._disk_full_until - time.monotonic())
