@@ -129,6 +129,8 @@ class SplunkHecDestination(relay.Destination):
     settings: SplunkHecSettings
 
     _client: httpx.AsyncClient | None = None
+    transport: httpx.AsyncBaseTransport | None = None
+    """Tests put an `httpx.MockTransport` here; None is the network."""
 
     @classmethod
     def default_concurrency(cls, settings: Any) -> int:
@@ -173,7 +175,7 @@ class SplunkHecDestination(relay.Destination):
         self._client = httpx.AsyncClient(
             base_url=s.url, verify=verify, timeout=httpx.Timeout(s.timeout), follow_redirects=False,
             headers={"Authorization": f"Splunk {self._token}", "User-Agent": f"audit-relay/{relay.__version__}"},
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64))
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64), transport=self.transport)
         self._channel = await self.context.state.load("channel") or ""
         if not self._channel:
             self._channel = str(uuid.uuid4())
@@ -203,12 +205,12 @@ class SplunkHecDestination(relay.Destination):
         if verdict.kind == "halt":
             return relay.Halted(verdict.reason)
         if verdict.kind == "too_large":
-            return self._too_large(verdict.reason, count, len(body))
+            return self._too_large(verdict.reason, count, len(body), len(batch))
         if verdict.kind == "entry":
             if verdict.index is not None:
                 return relay.Rejected({verdict.index: verdict.reason}, resend_from=verdict.index + 1)
             if count == 1:
-                return relay.Rejected({0: verdict.reason})
+                return _first_refused(verdict.reason, len(batch))
             self._isolate.add(batch.last_seq)
             self.log.warning("hec_isolating_entries", batch=batch.id, reason=verdict.reason,
                              hint="sending the rest of this batch one entry per request to find the bad one")
@@ -232,9 +234,9 @@ class SplunkHecDestination(relay.Destination):
                 return count
         return len(envelopes)
 
-    def _too_large(self, reason: str, count: int, size: int) -> relay.Result:
+    def _too_large(self, reason: str, count: int, size: int, total: int) -> relay.Result:
         if count == 1:
-            return relay.Rejected({0: f"{reason} (one entry, {size} bytes)"})
+            return _first_refused(f"{reason} (one entry, {size} bytes)", total)
         self._request_cap = max(1024, min(self._request_cap, size // 2))
         self.log.warning("hec_request_limit_lowered", refused_bytes=size, now=self._request_cap,
                          hint="Splunk's max_content_length is lower than max_request_bytes; lower it")
@@ -351,6 +353,11 @@ class SplunkHecDestination(relay.Destination):
                 raise relay.CheckFailed(f"ack test: {judge(acks, 0).reason or acks.describe()}")
             done += ", indexer acknowledgement on"
         return done
+
+
+def _first_refused(reason: str, total: int) -> relay.Rejected:
+    """The request held only the batch's first entry and Splunk refused it: dead-letter it, resend the rest."""
+    return relay.Rejected({0: reason}, resend_from=1 if total > 1 else None)
 
 
 def _gzip(data: bytes) -> bytes:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import contextlib
 import gzip
 import json
@@ -126,6 +127,7 @@ class FakeHec:
         self.event_count = 0
         self.distinct_ids: set[str] = set()
         self.faults: deque[Fault] = deque()
+        self.poisoned: list[tuple[Any, int, str, bool]] = []
         self.channels: dict[str, _Channel] = {}
         self.event_requests = 0
         self.ack_requests = 0
@@ -156,9 +158,14 @@ class FakeHec:
         """Splunk restarted: channels and their ack ids are forgotten (ids count from 0 again)."""
         self.channels.clear()
 
-    def ids(self, key: str = "marker") -> list[Any]:
+    def ids(self, key: str = "occurred_at") -> list[Any]:
         """`event[key]` of every indexed event, in arrival order (duplicates included)."""
         return [e.event.get(key) if isinstance(e.event, dict) else None for e in self.events]
+
+    def poison(self, predicate: Any, code: int, text: str, *, name_it: bool = True) -> None:
+        """Make every envelope whose event matches `predicate` bad with `code` (12, 13, 6, 15): Splunk
+        indexes the envelopes before it and names it in `invalid-event-number` (unless `name_it` is off)."""
+        self.poisoned.append((predicate, code, text, name_it))
 
     async def wait_for(self, predicate: Any) -> None:
         """Wait (no polling) until `predicate()` holds; the state changes on every request."""
@@ -216,7 +223,7 @@ class FakeHec:
         if failure is not None:
             return failure[0], failure[1], []
         assert token is not None
-        channel = req.headers.get("x-splunk-request-channel") or (req.query.get("channel") or [None])[0]
+        channel = req.headers.get("x-splunk-request-channel") or next(iter(req.query.get("channel", [])), None)
         if token.use_ack:
             if not channel:
                 return 400, {"text": "Data channel is missing", "code": 10}, []
@@ -284,17 +291,24 @@ class FakeHec:
         envelopes = _split(body)
         for number, envelope in enumerate(envelopes):
             error = _check(envelope, token)
+            name_it = True
+            for predicate, code, text, named_flag in self.poisoned:
+                if error is None and isinstance(envelope, dict) and predicate(envelope.get("event")):
+                    error, name_it = (code, text), named_flag
             if error is not None:
                 code, text = error
                 named = number + 1 if code == 7 and self.index_error_off_by_one else number
-                return 400, {"text": text, "code": code, "invalid-event-number": named}, []
+                reply: dict[str, Any] = {"text": text, "code": code}
+                if name_it:
+                    reply["invalid-event-number"] = named
+                return 400, reply, []
             assert isinstance(envelope, dict)
             self.event_count += 1
             if self.keep_events:
                 self.events.append(Indexed(envelope, channel, self.event_requests))
             elif isinstance(envelope["event"], dict) and isinstance(envelope["event"].get("id"), str):
                 self.distinct_ids.add(envelope["event"]["id"])
-        reply: dict[str, Any] = {"text": "Success", "code": 0}
+        reply = {"text": "Success", "code": 0}
         if token.use_ack:
             assert channel is not None
             state = self.channels.setdefault(channel, _Channel())
@@ -435,7 +449,7 @@ def main(argv: list[str] | None = None) -> None:
         fake.record_requests = False
         fake.keep_events = False
         async with trio.open_nursery() as nursery:
-            url = await nursery.start(serve, fake, port=args.port)
+            url = await nursery.start(functools.partial(serve, fake, port=args.port))
             if args.port_file:
                 args.port_file.write_text(url.rsplit(":", 1)[1])
             print(f"fake HEC listening on {url}", file=sys.stderr, flush=True)
