@@ -18,11 +18,11 @@ import pytest
 import structlog
 import trio
 import trustme
+from relay_plugins.splunk_hec import SplunkHecDestination, SplunkHecSettings
 
 import relay
 from relay.context import MemoryStateStore
 from relay.settings import Secret
-from relay_plugins.splunk_hec import SplunkHecDestination, SplunkHecSettings
 from tests import scripted
 from tests.fakes.hec import FakeHec, Token, serve
 from tests.hec_support import ACK_TOKEN, TOKEN, Captured, batch_of, destination, entries, no_token, stamp
@@ -404,7 +404,8 @@ async def test_tls_with_ca_file_and_untrusted_certificate(tmp_path: Path, logs: 
     trusted = destination(tmp_path, fake.url, tls={"ca_file": tmp_path / "ca.pem"})
     assert await send(trusted, batch_of(entries(1))) == relay.Delivered()
     untrusted = await send(destination(tmp_path, fake.url), batch_of(entries(1, 1)))
-    assert isinstance(untrusted, relay.Halted) and "not trusted" in untrusted.reason and "tls.ca_file" in untrusted.reason
+    assert isinstance(untrusted, relay.Halted)
+    assert "not trusted" in untrusted.reason and "tls.ca_file" in untrusted.reason
     unverified = destination(tmp_path, fake.url, tls={"verify": False})
     assert await send(unverified, batch_of(entries(1, 2))) == relay.Delivered()
     assert fake.ids() == [stamp(0), stamp(2)]

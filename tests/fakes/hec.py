@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import argparse
 import base64
-import functools
 import contextlib
+import functools
 import gzip
 import json
 import re
