@@ -8,11 +8,11 @@ from typing import Any
 
 import orjson
 import pytest
-from relay_plugins.splunk_hec import SplunkHecDestination, SplunkHecSettings
 
 import relay
 from relay.context import MemoryStateStore
 from relay.entry import parse_occurred_at
+from relay_plugins.splunk_hec import SplunkHecDestination, SplunkHecSettings
 from tests.helpers import entry
 
 TOKEN = "5f0c2d1e-hec-TOKEN-must-never-be-logged-8a7b"

@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 import structlog
 import trio
-from relay_plugins.hec_acks import AckTracker, PollAnswer
 
 import relay
+from relay_plugins.hec_acks import AckTracker, PollAnswer
 
 
 class Splunk:

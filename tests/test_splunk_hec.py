@@ -18,11 +18,11 @@ import pytest
 import structlog
 import trio
 import trustme
-from relay_plugins.splunk_hec import SplunkHecDestination, SplunkHecSettings
 
 import relay
 from relay.context import MemoryStateStore
 from relay.settings import Secret
+from relay_plugins.splunk_hec import SplunkHecDestination, SplunkHecSettings
 from tests import scripted
 from tests.fakes.hec import FakeHec, Token, serve
 from tests.hec_support import ACK_TOKEN, TOKEN, Captured, batch_of, destination, entries, no_token, stamp
