@@ -36,6 +36,7 @@ import gzip
 import json
 import re
 import sys
+import time
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
@@ -125,6 +126,8 @@ class FakeHec:
         self.keep_events = True
         """False (benchmarks): count events and their distinct `event.id`s instead of keeping them."""
         self.event_count = 0
+        self.first_event_at: float | None = None
+        self.last_event_at: float | None = None
         self.distinct_ids: set[str] = set()
         self.faults: deque[Fault] = deque()
         self.poisoned: list[tuple[Any, int, str, bool]] = []
@@ -209,6 +212,7 @@ class FakeHec:
     def _handle(self, req: Received, raw: bytes) -> tuple[int, dict[str, Any] | bytes, list[tuple[bytes, bytes]]]:
         if req.path == "/fake/stats":
             return 200, {"events": self.event_count, "distinct_ids": len(self.distinct_ids),
+                         "first_event_at": self.first_event_at, "last_event_at": self.last_event_at,
                          "event_requests": self.event_requests,
                          "ack_requests": self.ack_requests}, []
         if req.path in HEALTH_PATHS:
@@ -304,6 +308,8 @@ class FakeHec:
                 return 400, reply, []
             assert isinstance(envelope, dict)
             self.event_count += 1
+            self.last_event_at = time.time()
+            self.first_event_at = self.first_event_at or self.last_event_at
             if self.keep_events:
                 self.events.append(Indexed(envelope, channel, self.event_requests))
             elif isinstance(envelope["event"], dict) and isinstance(envelope["event"].get("id"), str):
