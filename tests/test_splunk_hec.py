@@ -26,7 +26,17 @@ from relay_plugins.splunk_hec import SplunkHecDestination, SplunkHecSettings
 from tests import scripted
 from tests.fakes.hec import FakeHec, Token, serve
 from tests.hec_support import ACK_TOKEN, TOKEN, Captured, batch_of, destination, entries, no_token, stamp
-from tests.helpers import config_dict, dead_letters, destination_row, journal_entries, make_config, running_relay
+from tests.helpers import (
+    RelayProcess,
+    config_dict,
+    dead_letters,
+    destination_row,
+    journal_entries,
+    make_config,
+    running_relay,
+    wait_until,
+    write_config,
+)
 
 
 @pytest.fixture
@@ -533,3 +543,37 @@ async def test_end_to_end_revoked_token_halts_then_recovers(tmp_path: Path, hec:
     assert Counter(received) == Counter(journaled), "every journaled entry reached Splunk exactly once"
     assert dead_letters(tmp_path / "state", "hec") == []
     assert logs.named("destination_halted") and logs.named("destination_recovered")
+
+
+async def test_kill_9_with_unconfirmed_acks_resends_after_restart(tmp_path: Path, hec: FakeHec) -> None:
+    """The relay process is killed while Splunk has indexed everything but confirmed nothing: the offset
+    has not moved, so after the restart every batch is sent again (on the same channel) and confirmed."""
+    hec.ack_mode = "manual"
+    total = 200
+    config = write_config(tmp_path / "relay.yaml", config_dict(
+        tmp_path, {"demo": {"type": "demo", "rate": 5000, "count": total}},
+        {"hec": {"type": "splunk_hec", "url": hec.url, "token": "${SPLUNK_HEC_TOKEN}", "ack": True,
+                 "ack_poll_interval": "50ms", "batch": {"max_entries": 50, "max_wait": "10ms"}}}))
+    relay_process = RelayProcess(config, tmp_path / "relay.log", env={"SPLUNK_HEC_TOKEN": ACK_TOKEN})
+    state = tmp_path / "state"
+    try:
+        await trio.to_thread.run_sync(relay_process.start)
+        with trio.fail_after(30):
+            await hec.wait_for(lambda: len(hec.events) == total)
+        await trio.to_thread.run_sync(relay_process.kill)
+        assert destination_row(state, "hec")["offset"] == 0, "indexed but unconfirmed: nothing committed"
+        first_channels = {r.headers["x-splunk-request-channel"] for r in hec.requests}
+        hec.ack_mode = "immediate"
+        await trio.to_thread.run_sync(relay_process.start)
+        await wait_until(lambda: destination_row(state, "hec")["offset"] == total, 30, "offset at the end")
+        assert await trio.to_thread.run_sync(relay_process.terminate) == 0
+    finally:
+        relay_process.stop_quietly()
+    journaled = [data for _, data in journal_entries(state)]
+    assert len(journaled) == total
+    assert Counter(orjson.dumps(e.event) for e in hec.events) == {data: 2 for data in journaled}, \
+        "every entry sent exactly twice: once before the kill, once after"
+    assert {r.headers["x-splunk-request-channel"] for r in hec.requests} == first_channels, \
+        "the channel survived the restart"
+    assert dead_letters(state, "hec") == []
+    assert no_token(relay_process.log_text())
