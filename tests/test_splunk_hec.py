@@ -260,10 +260,16 @@ async def test_single_entry_over_the_limit_is_dead_lettered(tmp_path: Path, logs
 # -- indexer acknowledgement ------------------------------------------------------------------------------
 
 
-async def test_ack_delivered_only_once_confirmed(tmp_path: Path, hec: FakeHec, logs: Captured) -> None:
+async def manual_ack_destination(tmp_path: Path, hec: FakeHec) -> SplunkHecDestination:
+    """An opened destination with `ack: true`; Splunk confirms nothing until the test calls `confirm()`."""
     hec.ack_mode = "manual"
     dest = destination(tmp_path, hec.url, token=ACK_TOKEN, ack=True, ack_poll_interval=0.05)
     await dest.open()
+    return dest
+
+
+async def test_ack_delivered_only_once_confirmed(tmp_path: Path, hec: FakeHec, logs: Captured) -> None:
+    dest = await manual_ack_destination(tmp_path, hec)
     results: list[relay.Result] = []
     async with trio.open_nursery() as nursery:
         async def run() -> None:
@@ -281,9 +287,7 @@ async def test_ack_delivered_only_once_confirmed(tmp_path: Path, hec: FakeHec, l
 
 
 async def test_one_poll_covers_every_pending_ack(tmp_path: Path, hec: FakeHec, logs: Captured) -> None:
-    hec.ack_mode = "manual"
-    dest = destination(tmp_path, hec.url, token=ACK_TOKEN, ack=True, ack_poll_interval=0.05)
-    await dest.open()
+    dest = await manual_ack_destination(tmp_path, hec)
     results: list[relay.Result] = []
     async with trio.open_nursery() as nursery:
         for i in range(5):
@@ -321,9 +325,7 @@ async def test_lost_ack_resends_the_batch_after_ack_timeout(tmp_path: Path, hec:
 
 async def test_reused_ack_id_after_splunk_restart_resends_the_older_batch(tmp_path: Path, hec: FakeHec,
                                                                          logs: Captured) -> None:
-    hec.ack_mode = "manual"
-    dest = destination(tmp_path, hec.url, token=ACK_TOKEN, ack=True, ack_poll_interval=0.05)
-    await dest.open()
+    dest = await manual_ack_destination(tmp_path, hec)
     results: dict[str, relay.Result] = {}
     async with trio.open_nursery() as nursery:
         async def run(name: str, start: int) -> None:
