@@ -103,6 +103,14 @@ class SplunkHecSettings(relay.Settings):
             raise ValueError("has an invalid port") from None
         return value.strip().rstrip("/")
 
+    @field_validator("token")
+    @classmethod
+    def _check_token(cls, value: relay.Secret) -> relay.Secret:
+        if any(c.isspace() or not c.isprintable() for c in value.reveal()):
+            raise ValueError("must not contain spaces, line breaks or control characters (is the file or "
+                             "variable it comes from quoted or padded?)")
+        return value
+
     @field_validator("indexed_fields")
     @classmethod
     def _check_fields(cls, value: list[str]) -> list[str]:
@@ -193,6 +201,8 @@ class SplunkHecDestination(relay.Destination):
     # -- sending ------------------------------------------------------------------------------------------
 
     async def send(self, batch: relay.Batch) -> relay.Result:
+        if len(batch) == 1:
+            self._isolate.discard(batch.last_seq)  # a one-entry batch needs no isolating (and ends it)
         envelopes = [self._encoder.encode(e.data, e.occurred_at, e.action) for e in batch.entries]
         count = self._fit(envelopes, batch.last_seq)
         body = b"\n".join(envelopes[:count])

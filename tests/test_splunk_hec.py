@@ -511,6 +511,7 @@ async def test_the_log_capture_would_see_a_leaked_token(tmp_path: Path, caplog: 
     ({"indexed_fields": ["actor..type"]}, "not a dotted field path"),
     ({"ack": True, "ack_timeout": "5s", "ack_poll_interval": "10s"}, "ack_timeout must be longer"),
     ({"tls": {"ca_file": "/nonexistent/ca.pem"}}, "Path does not point to a file"),
+    ({"token": "abc def\n"}, "must not contain spaces, line breaks"),
 ])
 def test_settings_are_checked(settings: dict[str, Any], message: str) -> None:
     values = {"url": "https://splunk.example.com:8088", "token": TOKEN, **settings}
