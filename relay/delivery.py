@@ -94,6 +94,8 @@ class DeliveryLoop:
         self.offset, pending = await self.journal.register_destination(self.name, self.config.delivery.start_at)
         task_status.started()
         await self._open()
+        if self._stop.is_set():
+            return
         async with trio.open_nursery() as nursery:
             after = self.offset
             for record in pending:
@@ -136,26 +138,32 @@ class DeliveryLoop:
             except Exception as exc:
                 self.log.error("destination_open_failed", error=f"{type(exc).__name__}: {exc}")
                 await self._set_state("retrying", f"open failed: {exc}")
-                await trio.sleep(backoff.next_delay())
+                if await self._stopped_within(backoff.next_delay()):
+                    return
+
+    async def _stopped_within(self, delay: float) -> bool:
+        """Sleep for `delay`, or less if the loop is told to stop; True if it was."""
+        with trio.move_on_after(delay):
+            await self._stop.wait()
+            return True
+        return False
 
     async def _wait_rows(self, after: int) -> list[Row] | None:
         """Rows after `after` once a batch is worth sending (full, or `max_wait` passed); None on stop."""
         limits = self.config.batch
         deadline: float | None = None
-        while True:
+        while not self._stop.is_set():
             rows = await self.reader.read_after(after, limits.max_entries)
             if rows:
                 self.oldest_undelivered = self.oldest_undelivered or rows[0].occurred_at
                 full = len(rows) >= limits.max_entries or sum(len(r.data) for r in rows) >= limits.max_bytes
                 now = trio.current_time()
                 deadline = deadline if deadline is not None else now + limits.max_wait
-                if full or now >= deadline or self._stop.is_set():
+                if full or now >= deadline:
                     return rows
                 wait_until = deadline
                 newest = rows[-1].seq
             else:
-                if self._stop.is_set():
-                    return None
                 wait_until = trio.current_time() + IDLE_POLL
                 newest = after
             with trio.move_on_at(wait_until):
@@ -166,6 +174,7 @@ class DeliveryLoop:
                     nursery.start_soon(stopped)
                     await self.journal.wait_appended(newest)
                     nursery.cancel_scope.cancel()
+        return None
 
     def _form(self, rows: list[Row], first: int, last: int,
               attributes: dict[str, str] | None) -> tuple[Batch, list[Row]]:
@@ -197,6 +206,9 @@ class DeliveryLoop:
         backoff = Backoff(retry.initial_backoff, retry.max_backoff)
         attempt = 1
         while True:
+            if not batch.entries:  # a resumed batch whose entries the filter no longer takes
+                await self._finish(batch, [], {})
+                return
             batch = Batch(self.name, batch.first_seq, batch.last_seq, batch.entries, batch.attributes, attempt)
             result = await self._attempt(batch)
             if isinstance(result, Delivered):
@@ -231,8 +243,7 @@ class DeliveryLoop:
                 delay = backoff.next_delay(result.after)
                 self.log.debug("retry_scheduled", batch=batch.id, attempt=attempt, delay=round(delay, 3),
                                reason=result.reason)
-            with trio.move_on_after(delay):
-                await self._stop.wait()
+            if await self._stopped_within(delay):
                 self.log.info("batch_left_for_restart", batch=batch.id,
                               hint="waiting for a retry when the relay stopped; it is sent first on restart")
                 return
