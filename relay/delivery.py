@@ -285,7 +285,9 @@ class DeliveryLoop:
         self._moved(moved)
 
     def _moved(self, offset: int | None) -> None:
-        if offset is not None:
+        # Two batches finishing together each read an offset from the journal and then await the state
+        # change; the one that resumes last may carry the older offset. The offset only moves forward.
+        if offset is not None and offset > self.offset:
             self.offset = offset
             self._notify()
             self.oldest_undelivered = None
