@@ -255,7 +255,7 @@ class DeliveryLoop:
                              first_reason=next(iter(reasons.values())), resend=resend)
 
     async def _attempt(self, batch: Batch) -> Result:
-        timeout = self.config.delivery.send_timeout
+        timeout = self.destination.attempt_timeout(self.config.delivery.send_timeout)
         started = time.perf_counter()
         try:
             with trio.move_on_after(timeout) as scope:
@@ -286,7 +286,9 @@ class DeliveryLoop:
         self._moved(moved)
 
     def _moved(self, offset: int | None) -> None:
-        if offset is not None:
+        # Two batches finishing together each read an offset from the journal and then await the state
+        # change; the one that resumes last may carry the older offset. The offset only moves forward.
+        if offset is not None and offset > self.offset:
             self.offset = offset
             self._notify()
             self.oldest_undelivered = None
