@@ -86,7 +86,7 @@ async def test_demo_source_honours_count_across_restarts(tmp_path: Path) -> None
         for _ in range(2):
             source = DemoSource(Context("demo", "source", tmp_path), DemoSource.Settings(rate=10000, count=50))
             await source.open()
-            with trio.fail_after(10):
+            with trio.fail_after(30):
                 await source.run(JournalIntake("demo", journal, await journal.load_cursor("demo")))
         nursery.cancel_scope.cancel()
     await journal.close()
