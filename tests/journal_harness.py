@@ -6,9 +6,11 @@ import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, closing
 from pathlib import Path
+from typing import Any
 
 import trio
 
+import relay
 from relay.context import Context
 from relay.intake import JournalIntake
 from relay.journal import Journal, JournalStateStore
@@ -60,3 +62,43 @@ def cursor(state_dir: Path, source: str) -> str | None:
     with _db(state_dir) as db:
         row = db.execute("SELECT cursor FROM sources WHERE name = ?", (source,)).fetchone()
     return row[0] if row else None
+
+
+class FullableIntake:
+    """A source's intake whose journal can be made full: meanwhile `writable` is False, `submit` raises
+    `JournalUnavailable` (as the real journal does) and `wait_writable` waits until `full` is cleared."""
+
+    def __init__(self, inner: relay.Intake, *, full: bool = False) -> None:
+        self.inner = inner
+        self._room = trio.Event()
+        self.full = full
+
+    @property
+    def full(self) -> bool:
+        return not self._room.is_set()
+
+    @full.setter
+    def full(self, value: bool) -> None:
+        if not value:
+            self._room.set()
+        elif self._room.is_set():
+            self._room = trio.Event()
+
+    @property
+    def cursor(self) -> str | None:
+        return self.inner.cursor
+
+    @property
+    def writable(self) -> bool:
+        return not self.full
+
+    async def submit(self, items: Any, *, cursor: Any = relay.UNCHANGED) -> relay.SubmitResult:
+        if self.full:
+            raise relay.JournalUnavailable("the journal is full", retry_after=10)
+        return await self.inner.submit(items, cursor=cursor)
+
+    async def quarantine(self, raw: bytes, reason: str) -> None:
+        await self.inner.quarantine(raw, reason)
+
+    async def wait_writable(self) -> None:
+        await self._room.wait()

@@ -42,7 +42,7 @@ from tests.helpers import (
     wait_until,
     write_config,
 )
-from tests.journal_harness import context_for, intake_for, open_journal, quarantined, stored
+from tests.journal_harness import FullableIntake, context_for, intake_for, open_journal, quarantined, stored
 
 TOKEN = "push-token-0123456789abcdef"
 BEARER = {"authorization": f"Bearer {TOKEN}"}
@@ -458,33 +458,6 @@ def test_inflate_is_bounded_and_strict() -> None:
 
 # -- random input ---------------------------------------------------------------------------------------------
 
-class FullSwitch:
-    """An intake that can be made full for one request."""
-
-    def __init__(self, inner: relay.Intake) -> None:
-        self.inner = inner
-        self.full = False
-
-    @property
-    def cursor(self) -> str | None:
-        return self.inner.cursor
-
-    @property
-    def writable(self) -> bool:
-        return not self.full
-
-    async def submit(self, items: Any, *, cursor: Any = relay.UNCHANGED) -> relay.SubmitResult:
-        if self.full:
-            raise relay.JournalUnavailable("the journal is full", retry_after=10)
-        return await self.inner.submit(items, cursor=cursor)
-
-    async def quarantine(self, raw: bytes, reason: str) -> None:
-        await self.inner.quarantine(raw, reason)
-
-    async def wait_writable(self) -> None:
-        await self.inner.wait_writable()
-
-
 _json = st.recursive(
     st.none() | st.booleans() | st.integers(-2**63, 2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=20),
@@ -516,7 +489,7 @@ _request = st.fixed_dictionaries({
 _AUTH = {"valid": f"Bearer {TOKEN}", "wrong": "Bearer guess", "basic": "Basic Zm9vOmJhcg==", "empty": "Bearer "}
 
 
-async def _call(source: HttpSource, switch: FullSwitch, case: dict[str, Any]) -> tuple[int, bytes]:
+async def _call(source: HttpSource, switch: FullableIntake, case: dict[str, Any]) -> tuple[int, bytes]:
     body = case["payload"]
     if case["encoding"] == "gzip":
         body = gzip.compress(body)
@@ -552,7 +525,7 @@ def test_random_input_never_crashes_never_5xx_never_stores_unauthenticated(tmp_p
 
     @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False)
     @given(case=_request)
-    def one_request(source: HttpSource, switch: FullSwitch, case: dict[str, Any]) -> None:
+    def one_request(source: HttpSource, switch: FullableIntake, case: dict[str, Any]) -> None:
         before = _counts(state)
         status, body = trio.from_thread.run(_call, source, switch, case)
         after = _counts(state)
@@ -571,7 +544,7 @@ def test_random_input_never_crashes_never_5xx_never_stores_unauthenticated(tmp_p
 
     async def main() -> None:
         async with open_journal(state) as journal:
-            switch = FullSwitch(await intake_for(journal, "push"))
+            switch = FullableIntake(await intake_for(journal, "push"))
             source = HttpSource(context_for(journal, "push"), HttpSettings.model_validate(
                 {"listen": "127.0.0.1:0", "auth": {"bearer_tokens": [TOKEN]}, "max_body_size": "4KiB",
                  "max_entries_per_request": 6}))

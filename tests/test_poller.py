@@ -27,7 +27,7 @@ from relay.journal import Journal
 from relay_plugins.poller import Halt, Page, PollSettings, PollSource, Position, Retry
 from tests.fakes.paged_api import PagedApi, _cursor
 from tests.helpers import RelayProcess, config_dict, entry, free_port, wait_until_sync, write_config
-from tests.journal_harness import context_for, cursor, intake_for, open_journal, stored
+from tests.journal_harness import FullableIntake, context_for, cursor, intake_for, open_journal, stored
 
 URL = "http://api.test/v1/audit_logs"
 
@@ -214,41 +214,14 @@ async def test_start_at_now_asks_only_for_new_entries(tmp_path: Path, autojump_c
     assert stored(tmp_path / "state") == []
 
 
-class GatedIntake:
-    """An intake whose journal is full until `gate` is set."""
-
-    def __init__(self, inner: relay.Intake) -> None:
-        self.inner = inner
-        self.gate = trio.Event()
-
-    @property
-    def cursor(self) -> str | None:
-        return self.inner.cursor
-
-    @property
-    def writable(self) -> bool:
-        return self.gate.is_set()
-
-    async def submit(self, items: Any, *, cursor: Any = relay.UNCHANGED) -> relay.SubmitResult:
-        if not self.gate.is_set():
-            raise relay.JournalUnavailable("the journal is full", retry_after=10)
-        return await self.inner.submit(items, cursor=cursor)
-
-    async def quarantine(self, raw: bytes, reason: str) -> None:
-        await self.inner.quarantine(raw, reason)
-
-    async def wait_writable(self) -> None:
-        await self.gate.wait()
-
-
 async def test_no_polling_while_the_journal_is_full(tmp_path: Path, autojump_clock: Any) -> None:
     api = PagedApi(entries=entries(120))
     async with open_journal(tmp_path / "state") as journal:
-        gated = GatedIntake(await intake_for(journal, "api"))
+        gated = FullableIntake(await intake_for(journal, "api"), full=True)
         async with polling(journal, api, intake=gated) as source:
             await trio.sleep(600)
             assert api.requests == [] and source.state == "paused"
-            gated.gate.set()
+            gated.full = False
             await source.wait_state("waiting")
     assert len(stored(tmp_path / "state")) == 120
 
