@@ -136,8 +136,8 @@ class Authenticator:
             found |= hmac.compare_digest(candidate, digest)
         return found
 
-    def check_signature(self, headers: dict[bytes, bytes], body: bytes, now: float) -> Denied | None:
-        """WorkOS-Signature over the raw body (as received, before any decompression)."""
+    def _signature(self, headers: dict[bytes, bytes], now: float) -> Denied | tuple[bytes, list[bytes]] | None:
+        """The signature header's timestamp and `v1` values, or why it is refused (None: not required)."""
         if self._secret is None:
             return None
         assert self.settings is not None
@@ -155,7 +155,21 @@ class Authenticator:
         if skew > self.settings.signature_tolerance:
             return Denied(403, f"the WorkOS-Signature timestamp is {skew:.0f}s away from this host's clock "
                                f"(tolerance {self.settings.signature_tolerance:g}s): stale or replayed")
-        expected = hmac.new(self._secret, timestamps[0] + b"." + body, hashlib.sha256).hexdigest().encode()
+        return timestamps[0], signatures
+
+    def check_signature_header(self, headers: dict[bytes, bytes], now: float) -> Denied | None:
+        """What can be refused before the body is read: a missing, malformed or stale signature."""
+        found = self._signature(headers, now)
+        return found if isinstance(found, Denied) else None
+
+    def check_signature(self, headers: dict[bytes, bytes], body: bytes, now: float) -> Denied | None:
+        """WorkOS-Signature over the raw body (as received, before any decompression)."""
+        found = self._signature(headers, now)
+        if found is None or isinstance(found, Denied):
+            return found
+        assert self._secret is not None
+        timestamp, signatures = found
+        expected = hmac.new(self._secret, timestamp + b"." + body, hashlib.sha256).hexdigest().encode()
         valid = False
         for signature in signatures:
             valid |= hmac.compare_digest(expected, signature.lower())

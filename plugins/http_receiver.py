@@ -10,8 +10,9 @@ Metrics (label `source`):
     audit_relay_http_requests_total{code}          requests answered, by HTTP status
     audit_relay_http_request_duration_seconds      time from request start to answer
     audit_relay_http_received_bytes_total          body bytes read from authenticated requests
-Log events: `http_listening`, `http_auth_failed` (peer, status; throttled), `http_body_rejected`
-(peer, reason), `http_unavailable` (503, throttled), `http_request_failed` (a bug: logged with traceback),
+Log events (the repeating ones at most once per 10 s, then with `similar_not_logged`): `http_listening`,
+`http_auth_failed` (peer, status), `http_body_rejected` (peer, reason), `http_entries_quarantined`,
+`http_unavailable` (503), `http_journal_error`, `http_request_failed` (a bug: logged with traceback),
 `http_auth_disabled` (warning at start when `auth: none`), plus those of `http_auth`.
 """
 
@@ -123,6 +124,8 @@ class HttpSource(relay.Source):
                                         "Body bytes read from authenticated requests (as sent, before gzip).")
         self._auth_log = _Throttle()
         self._unavailable_log = _Throttle()
+        self._rejected_log = _Throttle()
+        self._quarantined_log = _Throttle()
 
     # -- life cycle ------------------------------------------------------------------------------------
 
@@ -217,7 +220,7 @@ class HttpSource(relay.Source):
             return await _error(send, 405, "entries are sent with POST", [(b"allow", b"POST")])
         headers = _headers(scope)
         assert self._auth is not None and self._intake is not None
-        denied = self._auth.check_headers(headers)
+        denied = self._auth.check_headers(headers) or self._auth.check_signature_header(headers, time.time())
         if denied is not None:
             return await self._deny(scope, send, denied)
         if not self._intake.writable:
@@ -264,8 +267,10 @@ class HttpSource(relay.Source):
             answer["problems"] = [{"index": i, "reason": r} for i, r in result.problems[:MAX_PROBLEMS]]
             if len(result.problems) > MAX_PROBLEMS:
                 answer["problems_not_listed"] = len(result.problems) - MAX_PROBLEMS
-            self.log.warning("http_entries_quarantined", peer=_peer(scope), quarantined=result.quarantined,
-                             first=result.problems[0][1])
+            skipped = self._quarantined_log.allow()
+            if skipped is not None:
+                self.log.warning("http_entries_quarantined", peer=_peer(scope), quarantined=result.quarantined,
+                                 first=result.problems[0][1], **({"similar_not_logged": skipped} if skipped else {}))
         self.log.debug("http_request", peer=_peer(scope), entries=len(items), **answer)
         return await _json(send, 200, answer)
 
@@ -279,7 +284,10 @@ class HttpSource(relay.Source):
 
     async def _reject(self, scope: asgi.Scope, send: asgi.Send, exc: BodyError, keep: bytes | None) -> int:
         """A body we cannot use: keep it in quarantine when it is unreadable (400), then say why."""
-        self.log.warning("http_body_rejected", peer=_peer(scope), status=exc.status, reason=exc.message)
+        skipped = self._rejected_log.allow()
+        if skipped is not None:
+            self.log.warning("http_body_rejected", peer=_peer(scope), status=exc.status, reason=exc.message,
+                             **({"similar_not_logged": skipped} if skipped else {}))
         if keep is not None and keep:
             assert self._intake is not None
             try:

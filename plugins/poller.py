@@ -187,7 +187,8 @@ class PollSource(relay.Source):
         headers.update({name: value.reveal() for name, value in self.settings.headers.items()})
         if self.settings.auth is not None:
             headers["authorization"] = f"Bearer {self.settings.auth.bearer_token.reveal()}"
-        self._client = httpx.AsyncClient(headers=headers, timeout=self.settings.timeout, follow_redirects=True,
+        # No redirects: a redirect to another host would carry the credentials (custom headers) along.
+        self._client = httpx.AsyncClient(headers=headers, timeout=self.settings.timeout, follow_redirects=False,
                                          transport=self.transport)
 
     async def close(self) -> None:
@@ -225,6 +226,10 @@ class PollSource(relay.Source):
         if status >= 500 or status == 408:
             return Retry(f"{self._endpoint} answered {status}{_api_message(response)}",
                          parse_retry_after(response.headers.get("retry-after")))
+        if 300 <= status < 400:
+            location = response.headers.get("location", "nowhere")
+            return Halt(f"{self._endpoint} answered {status}, a redirect to {location[:200]}; set `url` to the "
+                        "address the API really answers at (redirects are not followed, to keep the credentials)")
         if status in (401, 403):
             return Halt(f"{self._endpoint} refused the credentials ({status}){_api_message(response)}; "
                         "check auth.bearer_token / headers")

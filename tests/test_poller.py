@@ -270,6 +270,22 @@ def test_nested_items_and_cursor_paths(tmp_path: Path) -> None:
     assert source._page(_response({"data": {"entries": []}, "meta": {"next": None}}), Position()) == Page([], None)
 
 
+async def test_redirects_are_not_followed(tmp_path: Path) -> None:
+    seen: list[str] = []
+
+    def redirect(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        return httpx.Response(302, headers={"location": "https://elsewhere.test/audit_logs"})
+
+    source = PollSource(relay.Context("api", "source", tmp_path), settings(headers={"X-Api-Key": "k" * 20}))
+    source.transport = httpx.MockTransport(redirect)
+    await source.open()
+    outcome = await source.fetch(Position())
+    await source.close()
+    assert isinstance(outcome, Halt) and "a redirect to https://elsewhere.test/audit_logs" in outcome.reason
+    assert seen == [f"{URL}?page_size=100"], "the credentials went nowhere else"
+
+
 def test_link_to_another_server_is_not_followed(tmp_path: Path) -> None:
     source = PollSource(relay.Context("api", "source", tmp_path), settings(pagination="link"))
     outcome = source._page(_response({"audit_logs": []}, link='<https://evil.test/x?after=1>; rel="next"'),
