@@ -77,6 +77,8 @@ send_duration = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=REGISTRY)
 reloads = Counter(f"{PREFIX}config_reloads", "Configuration reloads, by result (applied, partial, rejected).",
                   ["result"], registry=REGISTRY)
+for _result in ("applied", "partial", "rejected"):
+    reloads.labels(_result)  # present at 0 from the start, so increase() sees the first one
 last_reload_successful = Gauge(f"{PREFIX}config_last_reload_successful",
                                "1 if the newest reload was applied (or none was asked for), 0 if it was not.",
                                registry=REGISTRY)
