@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
 from structlog.testing import capture_logs
@@ -27,6 +28,7 @@ from tests.helpers import (
     config_dict,
     destination_row,
     entry,
+    free_port,
     make_config,
     running_relay,
     wait_until_sync,
@@ -253,3 +255,17 @@ def test_relay_reload_signals_the_running_process_and_reports_the_outcome(tmp_pa
     result = _relay_cli("reload", "--config", str(config))
     assert result.returncode == 1 and "no relay is running" in result.stderr
 
+
+
+async def test_metrics_endpoint_moves_to_its_new_address(tmp_path: Path, script: scripted.Script) -> None:
+    first, second = free_port(), free_port()
+    src, dest = {"in": {"type": "manual"}}, {"out": {"type": "scripted", "script": "main"}}
+    async with running_relay(_config(tmp_path, src, dest, metrics={"listen": f"127.0.0.1:{first}"})) as service, \
+            httpx.AsyncClient() as client:
+        assert (await client.get(f"http://127.0.0.1:{first}/readyz")).status_code == 200
+        outcome = await service.reload(_config(tmp_path, src, dest, metrics={"listen": f"127.0.0.1:{second}"}))
+        assert outcome.changes == {"settings": {"changed": ["metrics.listen"]}}
+        assert (await client.get(f"http://127.0.0.1:{second}/readyz")).status_code == 200
+        with pytest.raises(httpx.ConnectError):
+            await client.get(f"http://127.0.0.1:{first}/readyz")
+        assert service.endpoint_addresses == [f"http://127.0.0.1:{second}"]
