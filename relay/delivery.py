@@ -103,7 +103,8 @@ class DeliveryLoop:
         self.last_success_at, self.newest_delivered, self.dead_letters = await self.journal.load_destination(self.name)
         await self._refresh_head(self.offset)
         task_status.started()
-        if not await self._open():
+        await self._open()
+        if self._stop.is_set():
             return
         async with trio.open_nursery() as nursery:
             after = self.offset
@@ -113,9 +114,6 @@ class DeliveryLoop:
                     continue
                 rows = await self.reader.read_range(record.first_seq, record.last_seq)
                 batch, _ = self._form(rows, record.first_seq, record.last_seq, record.attributes)
-                if not batch.entries:  # its entries were pruned while the destination was removed
-                    await self._finish(batch, [], {})
-                    continue
                 await self._slots.acquire()
                 nursery.start_soon(self._deliver, batch)
                 self.log.info("batch_resumed", batch=batch.id, entries=len(batch))
@@ -135,31 +133,38 @@ class DeliveryLoop:
                     moved = await self.journal.record_batch(self.name, first, last, {}, done=True)
                     await self._moved(moved)
                     continue
-                batch = Batch(self.name, first, last, batch.entries, self.destination.describe(batch))
+                formed = Batch(self.name, first, last, batch.entries)  # boundaries as recorded, after the cut
+                batch = Batch(self.name, first, last, batch.entries, self.destination.describe(formed))
                 await self.journal.record_batch(self.name, first, last, dict(batch.attributes))
                 self._m_filtered.inc(len(rows_used) - len(batch.entries))
                 nursery.start_soon(self._deliver, batch)
 
-    async def _open(self) -> bool:
-        """Open the destination, retrying with backoff; False if the loop was stopped meanwhile."""
+    async def _open(self) -> None:
+        """Open the destination, retrying with backoff until it opens or the loop is told to stop."""
         backoff = Backoff(self.config.delivery.retry.initial_backoff, self.config.delivery.retry.max_backoff)
         while True:
             try:
                 await self.destination.open()
                 await self._set_state("up", None)
-                return True
+                return
             except Exception as exc:
                 self.log.error("destination_open_failed", error=f"{type(exc).__name__}: {exc}")
                 await self._set_state("retrying", f"open failed: {exc}")
-            with trio.move_on_after(backoff.next_delay()):
-                await self._stop.wait()
-                return False
+                if await self._stopped_within(backoff.next_delay()):
+                    return
+
+    async def _stopped_within(self, delay: float) -> bool:
+        """Sleep for `delay`, or less if the loop is told to stop; True if it was."""
+        with trio.move_on_after(delay):
+            await self._stop.wait()
+            return True
+        return False
 
     async def _wait_rows(self, after: int) -> list[Row] | None:
         """Rows after `after` once a batch is worth sending (full, or `max_wait` passed); None on stop."""
         limits = self.config.batch
         deadline: float | None = None
-        while True:
+        while not self._stop.is_set():
             rows = await self.reader.read_after(after, limits.max_entries)
             if rows:
                 if self.oldest_undelivered is None and after == self.offset:
@@ -167,13 +172,11 @@ class DeliveryLoop:
                 full = len(rows) >= limits.max_entries or sum(len(r.data) for r in rows) >= limits.max_bytes
                 now = trio.current_time()
                 deadline = deadline if deadline is not None else now + limits.max_wait
-                if full or now >= deadline or self._stop.is_set():
+                if full or now >= deadline:
                     return rows
                 wait_until = deadline
                 newest = rows[-1].seq
             else:
-                if self._stop.is_set():
-                    return None
                 wait_until = trio.current_time() + IDLE_POLL
                 newest = after
             with trio.move_on_at(wait_until):
@@ -184,6 +187,7 @@ class DeliveryLoop:
                     nursery.start_soon(stopped)
                     await self.journal.wait_appended(newest)
                     nursery.cancel_scope.cancel()
+        return None
 
     def _form(self, rows: list[Row], first: int, last: int,
               attributes: dict[str, str] | None) -> tuple[Batch, list[Row]]:
@@ -215,6 +219,9 @@ class DeliveryLoop:
         backoff = Backoff(retry.initial_backoff, retry.max_backoff)
         attempt = 1
         while True:
+            if not batch.entries:  # a resumed batch whose entries the filter no longer takes
+                await self._finish(batch, [], {})
+                return
             batch = Batch(self.name, batch.first_seq, batch.last_seq, batch.entries, batch.attributes, attempt)
             result = await self._attempt(batch)
             if isinstance(result, Delivered):
@@ -249,8 +256,7 @@ class DeliveryLoop:
                 delay = backoff.next_delay(result.after)
                 self.log.debug("retry_scheduled", batch=batch.id, attempt=attempt, delay=round(delay, 3),
                                reason=result.reason)
-            with trio.move_on_after(delay):
-                await self._stop.wait()
+            if await self._stopped_within(delay):
                 self.log.info("batch_left_for_restart", batch=batch.id,
                               hint="waiting for a retry when the relay stopped; it is sent first on restart")
                 return
@@ -261,7 +267,7 @@ class DeliveryLoop:
                              first_reason=next(iter(reasons.values())), resend=resend)
 
     async def _attempt(self, batch: Batch) -> Result:
-        timeout = self.config.delivery.send_timeout
+        timeout = self.destination.attempt_timeout(self.config.delivery.send_timeout)
         started = time.perf_counter()
         try:
             with trio.move_on_after(timeout) as scope:
@@ -293,6 +299,8 @@ class DeliveryLoop:
         await self._moved(moved)
 
     async def _moved(self, offset: int | None) -> None:
+        # Two batches finishing together each read an offset from the journal and then await the state
+        # change; the one that resumes last may carry the older offset. The offset only moves forward.
         if offset is not None and offset > self.offset:
             self.offset = offset
             self._notify()

@@ -73,7 +73,7 @@ async def test_status_and_dead_letter_commands(tmp_path: Path, script: scripted.
     config = make_config(data, extra=[scripted])
     async with running_relay(config) as service:
         await service.sources["in"].intake.submit([entry("api_key.deleted"), entry("user.created")])
-        with trio.fail_after(5):
+        with trio.fail_after(30):
             await service.destinations["out"].loop.wait_offset(2)
 
     # `relay status` and `relay dlq` read the journal; the scripted type is not installed, so they run
@@ -101,7 +101,7 @@ async def test_status_and_dead_letter_commands(tmp_path: Path, script: scripted.
 
     script.answers = []
     async with running_relay(config) as service:
-        with trio.fail_after(5):
+        with trio.fail_after(30):
             await service.destinations["out"].loop.wait_offset(3)
     assert [e.action for e in script.delivered][-1] == "api_key.deleted"
     capsys.readouterr()

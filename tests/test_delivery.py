@@ -30,7 +30,7 @@ async def test_transient_failures_then_success(tmp_path: Path, script: scripted.
         result = await service.sources["in"].intake.submit(_entries(5))
         assert result.accepted == 5
         await script.wait(lambda s: len(s.delivered) == 5)
-        with trio.fail_after(5):
+        with trio.fail_after(30):
             await service.destinations["out"].loop.wait_offset(5)
     assert len(script.batches) == 4
     assert {b.id for b in script.batches} == {script.batches[0].id}, "a retried batch keeps its identity"
@@ -47,12 +47,12 @@ async def test_halted_destination_keeps_its_offset_and_recovers(tmp_path: Path, 
     async with running_relay(_config(tmp_path)) as service:
         loop = service.destinations["out"].loop
         await service.sources["in"].intake.submit(_entries(3))
-        with trio.fail_after(5):
+        with trio.fail_after(30):
             await loop.wait_state("halted")
         assert loop.offset == 0
         assert destination_row(tmp_path / "state", "out")["state"] == "halted"
         assert "token revoked" in destination_row(tmp_path / "state", "out")["state_reason"]
-        with trio.fail_after(5):
+        with trio.fail_after(30):
             await loop.wait_offset(3)
         assert loop.state == "up"
     assert len(script.delivered) == 3
@@ -66,7 +66,7 @@ async def test_rejected_entry_goes_to_dead_letters_the_rest_is_delivered(tmp_pat
     dead_before = metric_value("audit_relay_destination_entries_dead_lettered_total", destination="out")
     async with running_relay(_config(tmp_path)) as service:
         await service.sources["in"].intake.submit(_entries(4))
-        with trio.fail_after(5):
+        with trio.fail_after(30):
             await service.destinations["out"].loop.wait_offset(4)
     assert [e.seq for e in script.delivered] == [1, 3, 4]
     dead = dead_letters(tmp_path / "state", "out")
@@ -80,7 +80,7 @@ async def test_partial_acceptance_resends_only_the_rest(tmp_path: Path, script: 
     script.answers = [relay.Rejected({2: "bad"}, resend_from=3)]
     async with running_relay(_config(tmp_path)) as service:
         await service.sources["in"].intake.submit(_entries(6))
-        with trio.fail_after(5):
+        with trio.fail_after(30):
             await service.destinations["out"].loop.wait_offset(6)
     assert [e.seq for e in script.batches[0].entries] == [1, 2, 3, 4, 5, 6]
     assert [e.seq for e in script.batches[1].entries] == [4, 5, 6]
@@ -96,7 +96,7 @@ async def test_filters_and_drop_fields(tmp_path: Path, script: scripted.Script) 
     async with running_relay(config) as service:
         entries = [*_entries(2, "api_key.created"), *_entries(2, "user.created"), *_entries(1, "api_key.deleted")]
         await service.sources["in"].intake.submit(entries)
-        with trio.fail_after(5):
+        with trio.fail_after(30):
             await service.destinations["out"].loop.wait_offset(5)
     assert [e.action for e in script.delivered] == ["api_key.created", "api_key.created"]
     value = script.delivered[0].value()
@@ -132,7 +132,7 @@ async def test_concurrent_batches_commit_offsets_in_order(tmp_path: Path, script
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch)
             await service.sources["in"].intake.submit(_entries(6))
-            with trio.fail_after(5):
+            with trio.fail_after(30):
                 await loop.wait_offset(6)
             nursery.cancel_scope.cancel()
     assert offsets == sorted(offsets) and offsets[0] >= 2
@@ -146,6 +146,34 @@ async def test_plugin_exception_is_retried_not_lost(tmp_path: Path, script: scri
     script.answers = [boom]
     async with running_relay(_config(tmp_path)) as service:
         await service.sources["in"].intake.submit(_entries(2))
-        with trio.fail_after(5):
+        with trio.fail_after(30):
             await service.destinations["out"].loop.wait_offset(2)
     assert [e.seq for e in script.delivered] == [1, 2]
+
+
+class _Describing(scripted.ScriptedDestination):
+    type_name = "describing"
+
+    def describe(self, batch: relay.Batch) -> dict[str, str]:
+        return {"id": batch.id, "entries": str(len(batch))}
+
+
+class _DescribingPlugin:
+    @relay.hookimpl
+    def register_destination_types(self, register):  # type: ignore[no-untyped-def]
+        register(_Describing)
+
+
+async def test_describe_sees_the_boundaries_that_are_recorded(tmp_path: Path, script: scripted.Script) -> None:
+    """A batch cut short by max_bytes is described with its own last entry, as recorded (S3 keys use it)."""
+    dest = {"type": "describing", "script": "main", "batch": {"max_entries": 100, "max_bytes": 1000,  # ~3 entries
+                                                                "max_wait": "10ms"}}
+    config = make_config(config_dict(tmp_path, {"in": {"type": "manual"}}, {"out": dest}),
+                         extra=[scripted, _DescribingPlugin()])
+    async with running_relay(config) as service:
+        await service.sources["in"].intake.submit(_entries(12))
+        with trio.fail_after(5):
+            await service.destinations["out"].loop.wait_offset(12)
+    assert len(script.batches) > 1, "the byte limit cut the entries into several batches"
+    for batch in script.batches:
+        assert batch.attributes == {"id": batch.id, "entries": str(len(batch))}

@@ -18,7 +18,7 @@ async def test_metrics_health_and_readiness(tmp_path: Path, script: scripted.Scr
                                      metrics={"listen": f"127.0.0.1:{port}"}), extra=[scripted])
     async with running_relay(config) as service, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
         await service.sources["in"].intake.submit([entry(), entry("user.created"), {"bad": "entry"}])
-        with trio.fail_after(5):
+        with trio.fail_after(30):
             await service.destinations["out"].loop.wait_offset(2)
         health = await client.get("/healthz")
         ready = await client.get("/readyz")
