@@ -19,9 +19,11 @@ committed cursor. Unchanged components are not touched. Log events: `relay_ready
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 import trio
@@ -342,10 +344,14 @@ class Service:
         try:
             await self._start_endpoint(self.config)
             return []
-        except OSError as exc:
-            problem = f"metrics.listen: cannot listen on {self.config.metrics.listen}: {exc}"
+        except Exception as exc:  # hypercorn raises the bind error inside an exception group
+            cause = exc
+            while isinstance(cause, BaseExceptionGroup) and len(cause.exceptions) == 1:
+                cause = cause.exceptions[0]  # type: ignore[assignment]
+            problem = f"metrics.listen: cannot listen on {self.config.metrics.listen}: {cause}"
             log.error("reload_component_failed", component="metrics", error=problem,
                       hint="keeping the previous address")
+            self.config = dataclasses.replace(self.config, metrics=old.metrics)  # so the next reload tries again
             await self._start_endpoint(old)
             return [problem]
 
@@ -375,7 +381,7 @@ class Service:
                 problem = scrub(f"source {name}: {type(exc).__name__}: {exc}")
                 log.error("reload_component_failed", component=f"source {name}", error=problem)
                 failures.append(problem)
-                previous = old.sources.get(name)
+                previous = self._keep("sources", name, old.sources.get(name))
                 if previous is not None:
                     await self._intake.start(self._run_source, previous, False)
         return failures
@@ -398,10 +404,23 @@ class Service:
                 problem = scrub(f"destination {name}: {type(exc).__name__}: {exc}")
                 log.error("reload_component_failed", component=f"destination {name}", error=problem)
                 failures.append(problem)
-                previous = old.destinations.get(name)
+                previous = self._keep("destinations", name, old.destinations.get(name))
                 if previous is not None:
                     await self._delivery.start(self._run_destination, previous)
         return failures
+
+    def _keep(self, kind: str, name: str, previous: Any) -> Any:
+        """Record that component `name` runs its `previous` settings (or not at all), so that the next
+        reload sees the difference and tries the new ones again."""
+        components = {**getattr(self.config, kind)}
+        if previous is None:
+            components.pop(name, None)
+        else:
+            components[name] = previous
+        self.config = dataclasses.replace(self.config, **{kind: components})  # type: ignore[arg-type]
+        if kind == "destinations":
+            self.journal.active_destinations = set(components)
+        return previous
 
     # -- observability ------------------------------------------------------------------------------
 

@@ -88,6 +88,35 @@ class FeedSource(relay.Source):
         await trio.sleep_forever()
 
 
+class FragileSettings(relay.Settings):
+    script: str
+    broken: bool = False
+    """Make the constructor fail (a plugin that rejects its settings at run time)."""
+
+
+class FragileDestination(relay.Destination):
+    """The scripted destination, except that it can refuse to be built."""
+
+    type_name = "fragile"
+    Settings = FragileSettings
+
+    def __init__(self, context: relay.Context, settings: FragileSettings) -> None:
+        if settings.broken:
+            raise RuntimeError("cannot build this destination")
+        super().__init__(context, settings)
+        from tests.scripted import ScriptedDestination
+
+        self._scripted = ScriptedDestination(context, settings)
+
+    async def send(self, batch: relay.Batch) -> relay.Result:
+        return await self._scripted.send(batch)
+
+
 @relay.hookimpl
 def register_source_types(register):  # type: ignore[no-untyped-def]
     register(FeedSource)
+
+
+@relay.hookimpl
+def register_destination_types(register):  # type: ignore[no-untyped-def]
+    register(FragileDestination)

@@ -269,3 +269,22 @@ async def test_metrics_endpoint_moves_to_its_new_address(tmp_path: Path, script:
         with pytest.raises(httpx.ConnectError):
             await client.get(f"http://127.0.0.1:{first}/readyz")
         assert service.endpoint_addresses == [f"http://127.0.0.1:{second}"]
+
+
+async def test_a_component_that_fails_to_start_keeps_its_previous_settings(tmp_path: Path,
+                                                                           script: scripted.Script) -> None:
+    """The destination runs on with its previous settings, and the next reload tries the new ones again."""
+    src = {"in": {"type": "manual"}}
+    good = {"out": {"type": "fragile", "script": "main"}}
+    broken = {"out": {"type": "fragile", "script": "main", "broken": True}}
+    async with running_relay(_config(tmp_path, src, good)) as service:
+        outcome = await service.reload(_config(tmp_path, src, broken))
+        assert outcome.result == "partial"
+        assert outcome.problems == ["destination out: RuntimeError: cannot build this destination"]
+        await service.sources["in"].intake.submit([entry(id="1")])
+        with trio.fail_after(5):
+            await service.destinations["out"].loop.wait_offset(1)
+        assert service.config.destinations["out"].settings.broken is False, "what actually runs"
+        again = await service.reload(_config(tmp_path, src, broken))
+        assert again.result == "partial" and again.changes == {"destinations": {"changed": ["out"]}}
+    assert entry_ids(script.delivered) == ["1"]
