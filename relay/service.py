@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,7 +88,6 @@ class Service:
         self.started_at = time.time()
         self.reloads = 0
         self._reload_wanted = trio.Event()
-        self._reload_done = trio.Event()
         self._endpoint: tuple[trio.CancelScope, trio.Event] | None = None
         self._outer: trio.Nursery | None = None
         self._delivery: trio.Nursery | None = None
@@ -265,10 +264,6 @@ class Service:
         """Ask for a reload (from a signal handler task); requests during a reload coalesce into one more."""
         self._reload_wanted.set()
 
-    async def wait_reloaded(self) -> None:
-        """Return after the next reload attempt finishes (applied or not)."""
-        await self._reload_done.wait()
-
     async def _reload_loop(self) -> None:
         while True:
             await self._reload_wanted.wait()
@@ -293,8 +288,6 @@ class Service:
             await trio.to_thread.run_sync(reloading.write_outcome, self.config.state_dir, outcome)
         except OSError as exc:
             log.warning("reload_outcome_not_written", error=str(exc))
-        self._reload_done.set()
-        self._reload_done = trio.Event()
         return outcome
 
     async def _reload(self, new: Config | None) -> reloading.Outcome:
@@ -369,21 +362,15 @@ class Service:
                 nursery.start_soon(self._stop_source, self.sources[name])
         for name in changes.removed:
             del self.sources[name]
+        intake = self._intake
         for name in (*restart, *changes.added):
-            try:
-                await self._intake.start(self._run_source, self.config.sources[name], False)
+            if await self._start("sources", name, old.sources.get(name), failures,
+                                 lambda cfg: intake.start(self._run_source, cfg, False)):
                 started = self.sources[name]
-                if not (started.running or started.finished):
+                if not (started.running or started.finished):  # it keeps retrying with backoff meanwhile
                     problem = f"source {name}: {started.last_error}; retrying with backoff"
                     log.error("reload_component_failed", component=f"source {name}", error=problem)
                     failures.append(problem)
-            except Exception as exc:
-                problem = scrub(f"source {name}: {type(exc).__name__}: {exc}")
-                log.error("reload_component_failed", component=f"source {name}", error=problem)
-                failures.append(problem)
-                previous = self._keep("sources", name, old.sources.get(name))
-                if previous is not None:
-                    await self._intake.start(self._run_source, previous, False)
         return failures
 
     async def _apply_destinations(self, old: Config, changes: reloading.Changes) -> list[str]:
@@ -397,21 +384,24 @@ class Service:
         self.journal.active_destinations = set(self.config.destinations)
         if changes.removed:
             await self.journal.mark_removed(list(self.config.destinations))
+        delivery = self._delivery
         for name in (*changes.changed, *changes.added):
-            try:
-                await self._delivery.start(self._run_destination, self.config.destinations[name])
-            except Exception as exc:
-                problem = scrub(f"destination {name}: {type(exc).__name__}: {exc}")
-                log.error("reload_component_failed", component=f"destination {name}", error=problem)
-                failures.append(problem)
-                previous = self._keep("destinations", name, old.destinations.get(name))
-                if previous is not None:
-                    await self._delivery.start(self._run_destination, previous)
+            await self._start("destinations", name, old.destinations.get(name), failures,
+                              lambda cfg: delivery.start(self._run_destination, cfg))
         return failures
 
-    def _keep(self, kind: str, name: str, previous: Any) -> Any:
-        """Record that component `name` runs its `previous` settings (or not at all), so that the next
-        reload sees the difference and tries the new ones again."""
+    async def _start(self, kind: str, name: str, previous: Any, failures: list[str],
+                     start: Callable[[Any], Awaitable[object]]) -> bool:
+        """Start a component with its new settings; if that fails, with its `previous` ones (if any), and
+        record that those are what runs, so the next reload sees the difference and tries again."""
+        try:
+            await start(getattr(self.config, kind)[name])
+            return True
+        except Exception as exc:
+            component = f"{kind[:-1]} {name}"
+            problem = scrub(f"{component}: {type(exc).__name__}: {exc}")
+            log.error("reload_component_failed", component=component, error=problem)
+            failures.append(problem)
         components = {**getattr(self.config, kind)}
         if previous is None:
             components.pop(name, None)
@@ -420,7 +410,13 @@ class Service:
         self.config = dataclasses.replace(self.config, **{kind: components})  # type: ignore[arg-type]
         if kind == "destinations":
             self.journal.active_destinations = set(components)
-        return previous
+        if previous is not None:
+            try:
+                await start(previous)
+            except Exception as exc:
+                failures.append(scrub(f"{component}: not running: {type(exc).__name__}: {exc}"))
+                log.error("reload_component_failed", component=component, error=failures[-1])
+        return False
 
     # -- observability ------------------------------------------------------------------------------
 
