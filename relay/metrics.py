@@ -82,10 +82,8 @@ for _result in ("applied", "partial", "rejected"):
 last_reload_successful = Gauge(f"{PREFIX}config_last_reload_successful",
                                "1 if the newest reload was applied (or none was asked for), 0 if it was not.",
                                registry=REGISTRY)
-last_reload_successful.set(1)
 last_reload_success = Gauge(f"{PREFIX}config_last_reload_success_timestamp_seconds",
                             "When the running configuration was loaded (start or reload).", registry=REGISTRY)
-last_reload_success.set(_STARTED)
 build_info = Info(f"{PREFIX}build", "The running audit-relay's version.", registry=REGISTRY)
 batch_entries = Histogram(
     f"{PREFIX}destination_batch_entries", "Entries per batch handed to the destination.", ["destination"],

@@ -100,6 +100,8 @@ class Service:
             await self.journal.open()
             metrics.SNAPSHOTS.add(self._gauges)
             metrics.set_build_info(__version__)
+            metrics.last_reload_successful.set(1)  # the configuration it starts with was loaded
+            metrics.last_reload_success.set(time.time())
             try:
                 await self._run(stop, on_ready)
             finally:
