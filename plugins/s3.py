@@ -67,6 +67,13 @@ _CHAIN_PERMANENT = (
 )
 
 
+class TlsSettings(relay.Settings):
+    verify: bool = True
+    """Check the store's certificate and host name. Turn off only for a test store."""
+    ca_file: Path | None = None
+    """PEM bundle to trust instead of the system's, for a store with a private CA."""
+
+
 class S3Settings(relay.Settings):
     bucket: str = Field(min_length=3, max_length=255, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     region: str | None = Field(default=None, pattern=r"^[a-z0-9-]+$")
@@ -91,8 +98,7 @@ class S3Settings(relay.Settings):
     session_token: relay.Secret | None = None
     profile: str | None = None
     """A profile of the shared AWS files, for the credential chain (like AWS_PROFILE)."""
-    ca_file: Path | None = None
-    """PEM bundle to trust instead of the system's, for a store with a private CA."""
+    tls: TlsSettings = TlsSettings()
 
     @field_validator("endpoint_url")
     @classmethod
@@ -188,9 +194,9 @@ class S3Destination(relay.Destination):
         self._client = self._new_client()
 
     def _new_client(self) -> httpx.AsyncClient:
-        verify: ssl.SSLContext | bool = True
-        if self.settings.ca_file is not None:
-            verify = ssl.create_default_context(cafile=str(self.settings.ca_file))
+        verify: ssl.SSLContext | bool = self.settings.tls.verify
+        if verify and self.settings.tls.ca_file is not None:
+            verify = ssl.create_default_context(cafile=str(self.settings.tls.ca_file))
         return httpx.AsyncClient(
             timeout=httpx.Timeout(None, connect=10.0), verify=verify, follow_redirects=False,
             headers={"User-Agent": f"audit-relay/{relay.__version__}"})
@@ -387,7 +393,7 @@ def _transport_failure(where: str, exc: httpx.TransportError) -> relay.Halted | 
     while cause is not None:
         if isinstance(cause, ssl.SSLCertVerificationError):
             return relay.Halted(f"{where}: the server's TLS certificate is not trusted ({cause.verify_message}); "
-                                "for a private CA, set ca_file")
+                                "for a private CA, set tls.ca_file")
         cause = cause.__cause__ or cause.__context__
     return relay.RetryLater(f"{where}: {type(exc).__name__}: {exc}")
 

@@ -280,12 +280,13 @@ async def test_tls_with_a_private_ca_needs_ca_file(moto: MotoS3, tmp_path: Path)
         untrusting = moto_destination(moto, tmp_path, bucket, endpoint=proxy.url)
         async with opened(untrusting):
             refused = await untrusting.send(formed(untrusting, make_batch(make_entries(1, 1))))
-        trusting = moto_destination(moto, tmp_path, bucket, endpoint=proxy.url, ca_file=str(tmp_path / "ca.pem"))
+        trusting = moto_destination(moto, tmp_path, bucket, endpoint=proxy.url,
+                                    tls={"ca_file": str(tmp_path / "ca.pem")})
         async with opened(trusting):
             assert await trusting.send(formed(trusting, make_batch(make_entries(1, 1)))) == relay.Delivered()
             assert bucket in await trusting.check()
     assert isinstance(refused, relay.Halted)
-    assert "TLS certificate is not trusted" in refused.reason and "set ca_file" in refused.reason
+    assert "TLS certificate is not trusted" in refused.reason and "set tls.ca_file" in refused.reason
     assert len(moto.objects(bucket)) == 1
 
 
