@@ -3,6 +3,11 @@
 The loop records each batch's boundaries before the first attempt, so after a crash the same batch (same
 entries, same `id`) is rebuilt and sent first. Up to `concurrency` batches are in flight; the offset only
 moves over a contiguous run of finished batches, so order of commits is preserved and nothing is skipped.
+
+For the "how far behind" metrics the loop keeps, in memory and cheap to read at scrape time: when it last
+delivered and the newest `occurred_at` delivered (both loaded from the journal at start, so they are right
+straight after a restart), the `occurred_at` of the entry right after its offset (the oldest it has not
+finished; re-read whenever the offset moves), and how many dead letters it holds.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ class DestinationSnapshot:
     last_success_at: float | None
     newest_delivered_occurred_at: float | None
     oldest_undelivered_occurred_at: float | None
+    dead_letters: int = 0
 
 
 class DeliveryLoop:
@@ -57,6 +63,8 @@ class DeliveryLoop:
         self.last_success_at: float | None = None
         self.newest_delivered: float | None = None
         self.oldest_undelivered: float | None = None
+        """`occurred_at` of the entry right after the offset; None when there is none."""
+        self.dead_letters = 0
         self._slots = trio.Semaphore(config.concurrency)
         self._stop = trio.Event()
         self._changed = trio.Event()
@@ -70,7 +78,7 @@ class DeliveryLoop:
         return DestinationSnapshot(
             self.name, self.config.type, self.state, self.reason, self.offset,
             max(0, self.journal.last_seq - self.offset), self.in_flight, self.last_success_at,
-            self.newest_delivered, self.oldest_undelivered)
+            self.newest_delivered, self.oldest_undelivered, self.dead_letters)
 
     async def wait_offset(self, at_least: int) -> None:
         """Return once the committed offset has reached `at_least`."""
@@ -92,6 +100,8 @@ class DeliveryLoop:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.offset, pending = await self.journal.register_destination(self.name, self.config.delivery.start_at)
+        self.last_success_at, self.newest_delivered, self.dead_letters = await self.journal.load_destination(self.name)
+        await self._refresh_head(self.offset)
         task_status.started()
         await self._open()
         if self._stop.is_set():
@@ -121,7 +131,7 @@ class DeliveryLoop:
                     self._slots.release()
                     self._m_filtered.inc(len(rows_used))
                     moved = await self.journal.record_batch(self.name, first, last, {}, done=True)
-                    self._moved(moved)
+                    await self._moved(moved)
                     continue
                 formed = Batch(self.name, first, last, batch.entries)  # boundaries as recorded, after the cut
                 batch = Batch(self.name, first, last, batch.entries, self.destination.describe(formed))
@@ -130,6 +140,7 @@ class DeliveryLoop:
                 nursery.start_soon(self._deliver, batch)
 
     async def _open(self) -> None:
+        """Open the destination, retrying with backoff until it opens or the loop is told to stop."""
         backoff = Backoff(self.config.delivery.retry.initial_backoff, self.config.delivery.retry.max_backoff)
         while True:
             try:
@@ -156,7 +167,8 @@ class DeliveryLoop:
         while not self._stop.is_set():
             rows = await self.reader.read_after(after, limits.max_entries)
             if rows:
-                self.oldest_undelivered = self.oldest_undelivered or rows[0].occurred_at
+                if self.oldest_undelivered is None and after == self.offset:
+                    self.oldest_undelivered = rows[0].occurred_at
                 full = len(rows) >= limits.max_entries or sum(len(r.data) for r in rows) >= limits.max_bytes
                 now = trio.current_time()
                 deadline = deadline if deadline is not None else now + limits.max_wait
@@ -278,22 +290,29 @@ class DeliveryLoop:
             dead_letters=dead, resend_from=resend_from)
         self._m_delivered.inc(len(delivered))
         self._m_dead.inc(len(dead))
+        self.dead_letters += len(dead)
         if delivered:
             self.last_success_at = time.time()
             self.newest_delivered = max(self.newest_delivered or 0.0, newest or 0.0)
         if self.state != "up" and (delivered or dead):
             await self._set_state("up", None)
-        self._moved(moved)
+        await self._moved(moved)
 
-    def _moved(self, offset: int | None) -> None:
+    async def _moved(self, offset: int | None) -> None:
         # Two batches finishing together each read an offset from the journal and then await the state
         # change; the one that resumes last may carry the older offset. The offset only moves forward.
         if offset is not None and offset > self.offset:
             self.offset = offset
             self._notify()
-            self.oldest_undelivered = None
             if self.journal.statistics().full:
                 self.journal.request_prune()
+            await self._refresh_head(offset)
+
+    async def _refresh_head(self, offset: int) -> None:
+        """Re-read the entry right after `offset` (unless the offset has moved on meanwhile)."""
+        rows = await self.reader.read_after(offset, 1)
+        if self.offset == offset:
+            self.oldest_undelivered = rows[0].occurred_at if rows else None
 
     async def _set_state(self, state: str, reason: str | None) -> None:
         if state == self.state:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -24,10 +25,13 @@ def _raw(item: Any) -> bytes:
 
 
 class JournalIntake:
-    def __init__(self, source: str, journal: Journal, cursor: str | None) -> None:
+    def __init__(self, source: str, journal: Journal, cursor: str | None,
+                 last_success_at: float | None = None) -> None:
         self.source = source
         self._journal = journal
         self._cursor = cursor
+        self.last_success_at = last_success_at
+        """When a submit last committed (also an empty one: a poll that found nothing new is a success)."""
         self._closed = False
         self._m_duplicates = metrics.source_duplicates.labels(source)
         self._m_quarantined = metrics.source_quarantined.labels(source)
@@ -67,6 +71,7 @@ class JournalIntake:
             raise
         if cursor is not UNCHANGED:
             self._cursor = cursor
+        self.last_success_at = time.time()
         families = Counter(metrics.action_family(e.action) for e in accepted)
         for family, count in families.items():
             metrics.source_received.labels(self.source, family).inc(count)

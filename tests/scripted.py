@@ -23,6 +23,8 @@ class Script:
     delivered: list[relay.Entry] = field(default_factory=list)
     gate: trio.Event | None = None
     """When set, attempts wait for this event first (a destination that hangs until released)."""
+    attempts: int = 0
+    """Attempts started (counted before the gate)."""
     _changed: trio.Event = field(default_factory=trio.Event)
 
     async def wait(self, predicate: Callable[[Script], bool]) -> None:
@@ -48,6 +50,8 @@ class ScriptedDestination(relay.Destination):
 
     async def send(self, batch: relay.Batch) -> relay.Result:
         script = SCRIPTS[self.settings.script]
+        script.attempts += 1
+        script.notify()
         if script.gate is not None:
             await script.gate.wait()
         script.batches.append(batch)
