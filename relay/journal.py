@@ -119,13 +119,22 @@ class Journal:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._prune_loop)
                 task_status.started()
-                await self._write_loop()
+                try:
+                    await self._write_loop()
+                finally:
+                    # Before waiting for the pruner: a write it queued as the writer was cancelled would
+                    # otherwise wait (shielded) for a writer that is gone, and the nursery for the pruner.
+                    self._stop_writes()
         finally:
-            self._running = False
-            for op in self._queue:
-                op.error = JournalUnavailable("the relay is stopping")
-                op.done.set()
-            self._queue.clear()
+            self._stop_writes()
+
+    def _stop_writes(self) -> None:
+        """Refuse new writes and fail the queued ones as unavailable."""
+        self._running = False
+        for op in self._queue:
+            op.error = JournalUnavailable("the relay is stopping")
+            op.done.set()
+        self._queue.clear()
 
     async def close(self) -> None:
         if self._db is not None:
@@ -423,9 +432,14 @@ class Journal:
             with trio.move_on_after(PRUNE_INTERVAL):
                 await self._prune_now.wait()
             self._prune_now = trio.Event()
-            await self.write(_forget_removed)
-            while await self.write(self._prune_chunk):
-                await trio.lowlevel.checkpoint()  # let other writes in between chunks
+            try:
+                await self.write(_forget_removed)
+                while await self.write(self._prune_chunk):
+                    await trio.lowlevel.checkpoint()  # let other writes in between chunks
+            except JournalUnavailable:
+                if not self._running:
+                    return  # the writer has stopped: so does pruning
+                # (disk full: try again at the next interval; pruning is what frees the space)
 
     def request_prune(self) -> None:
         self._prune_now.set()
