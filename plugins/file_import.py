@@ -33,7 +33,7 @@ from pydantic import Field
 
 import relay
 from relay.entry import prepare
-from relay.importer import Progress
+from relay.importer import ImportProgress
 
 from .file_formats import Chunk, CsvReader, Format, JsonArrayReader, JsonlReader, detect, open_reader
 
@@ -111,7 +111,7 @@ class FileImportSource(relay.Source):
 
     def __init__(self, context: relay.Context, settings: FileImportSettings) -> None:
         super().__init__(context, settings)
-        self.progress = Progress()
+        self.progress = ImportProgress()
         self._m_read = context.gauge("file_import_read_bytes", "How far into the file the import has committed.")
         self._m_size = context.gauge("file_import_size_bytes", "Size of the file being imported.")
         self._m_finished = context.gauge("file_import_finished", "1 once the whole file is imported.")

@@ -13,7 +13,8 @@ Metrics (label `source`):
 Log events (the repeating ones at most once per 10 s, then with `similar_not_logged`): `http_listening`,
 `http_auth_failed` (peer, status), `http_body_rejected` (peer, reason), `http_entries_quarantined`,
 `http_unavailable` (503), `http_journal_error`, `http_request_failed` (a bug: logged with traceback),
-`http_auth_disabled` (warning at start when `auth: none`), plus those of `http_auth`.
+`http_auth_disabled` (warning at start when `auth: none`), `http_reconfigured` / `http_reconfigure_failed`
+(a reload applied in place, or not), plus those of `http_auth`.
 """
 
 from __future__ import annotations
@@ -166,6 +167,25 @@ class HttpSource(relay.Source):
             self.log.info("http_listening", addresses=self.addresses, path=self.settings.path,
                           auth=self._auth.describe(), tls=self.settings.tls is not None)
             task_status.started()
+
+    async def reconfigure(self, settings: HttpSettings) -> bool:
+        """Apply new credentials, path and limits without rebinding (a token rotation drops no request);
+        a new listen address, TLS or connection timeouts need a restart."""
+        keep = ("listen", "tls", "read_timeout", "keep_alive")
+        if any(getattr(settings, name) != getattr(self.settings, name) for name in keep) or self._intake is None:
+            return False
+        previous = self.settings
+        self.settings = settings
+        try:
+            auth = await self._authenticator(generate=True)
+        except (ValueError, OSError) as exc:
+            self.settings = previous
+            self.log.error("http_reconfigure_failed", error=str(exc), hint="the previous settings stay in force")
+            return False
+        assert auth is not None
+        self._auth = auth
+        self.log.info("http_reconfigured", path=settings.path, auth=auth.describe())
+        return True
 
     async def check(self) -> str:
         host, port = split_host_port(self.settings.listen)

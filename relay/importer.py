@@ -22,8 +22,9 @@ from relay.errors import ConfigError, ConfigIssue, PluginError
 from relay.intake import JournalIntake
 from relay.journal import Journal, JournalStateStore
 from relay.plugins import Registry
+from relay.progress import format_duration
 
-__all__ = ["Progress", "import_file"]
+__all__ = ["ImportProgress", "import_file"]
 
 REPORT_EVERY = 0.5
 """Seconds between progress lines on a terminal (elsewhere: every `LOG_EVERY`)."""
@@ -31,8 +32,11 @@ LOG_EVERY = 10.0
 
 
 @dataclass
-class Progress:
-    """What an import has done so far; a source that runs to completion keeps one up to date."""
+class ImportProgress:
+    """What an import has done so far; a source that runs to completion keeps one up to date.
+
+    The total number of entries is not known before the end, so the ETA comes from bytes read
+    (`relay.progress.Progress` counts against a known total of entries instead)."""
 
     total_bytes: int = 0
     done_bytes: int = 0
@@ -76,7 +80,7 @@ async def _run(config: Config, cls: type[Any], settings: Any, name: str, out: Te
     journal.active_destinations = set(config.destinations)  # prune only what every destination has finished
     interrupted = False
     source = cls(Context(name, "source", config.state_dir, JournalStateStore(journal, f"source:{name}")), settings)
-    progress: Progress = source.progress
+    progress: ImportProgress = source.progress
     started = time.monotonic()
     try:
         async with trio.open_nursery() as outer:
@@ -114,26 +118,25 @@ async def _run(config: Config, cls: type[Any], settings: Any, name: str, out: Te
     return 1 if progress.error else 0
 
 
-async def _report(progress: Progress, started: float, out: TextIO) -> None:
+async def _report(progress: ImportProgress, started: float, out: TextIO) -> None:
     tty = out.isatty()
     while True:
         await trio.sleep(REPORT_EVERY if tty else LOG_EVERY)
         _line(out, _status(progress, time.monotonic() - started), final=not tty)
 
 
-def _status(p: Progress, elapsed: float) -> str:
+def _status(p: ImportProgress, elapsed: float) -> str:
     rate = p.records / elapsed if elapsed > 0 else 0.0
     text = f"{p.records:,} records  {rate:,.0f}/s"
     if p.total_bytes:
         share = p.done_bytes / p.total_bytes
         text += f"  {share:6.1%}"
         if 0 < share < 1:
-            eta = elapsed * (1 - share) / share
-            text += f"  ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}"
+            text += f"  ETA {format_duration(elapsed * (1 - share) / share)}"
     return text + f"  ({p.accepted:,} new, {p.duplicates:,} duplicates, {p.quarantined:,} quarantined)"
 
 
-def _summary(p: Progress, elapsed: float, interrupted: bool) -> str:
+def _summary(p: ImportProgress, elapsed: float, interrupted: bool) -> str:
     if p.already_done:
         return (f"nothing to do: this file was imported completely before ({p.records:,} records); "
                 "a file with different content would be imported")

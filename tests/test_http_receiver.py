@@ -270,6 +270,28 @@ async def test_tokens_file(tmp_path: Path) -> None:
         await source.open()
 
 
+async def test_a_reload_rotates_tokens_in_place_without_rebinding(tmp_path: Path) -> None:
+    def config(token: str, **extra: Any) -> Any:
+        return make_config(config_dict(tmp_path, {"push": {
+            "type": "http", "listen": "127.0.0.1:0", "auth": {"bearer_tokens": [token]}, **extra}}, {}))
+
+    async with running_relay(config(TOKEN)) as service:
+        source = service.sources["push"].source
+        assert isinstance(source, HttpSource)
+        address = source.addresses[0]
+        async with httpx.AsyncClient(base_url=address) as client:
+            assert (await post(client, ENTRIES[0])).status_code == 200
+            outcome = await service.reload(config("rotated-token-0123456789"))
+            assert outcome.result == "applied", outcome
+            assert service.sources["push"].source is source, "reconfigured in place, not restarted"
+            old = await post(client, ENTRIES[1])
+            new = await client.post("/v1/entries", content=orjson.dumps(ENTRIES[1]),
+                                    headers={"authorization": "Bearer rotated-token-0123456789"})
+            assert (old.status_code, new.status_code) == (403, 200)
+            moved = await service.reload(config("rotated-token-0123456789", read_timeout="5s"))
+            assert moved.result == "applied" and service.sources["push"].source is not source, "restarted"
+
+
 async def test_auth_none_must_be_written_out(tmp_path: Path) -> None:
     with capture_logs() as logs:
         async with open_journal(tmp_path / "state") as journal, receiving(journal, "none") as (_, client):
