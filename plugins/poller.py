@@ -288,8 +288,13 @@ class PollSource(relay.Source):
             try:
                 return Position.decode(stored)
             except (ValueError, orjson.JSONDecodeError):
-                self.log.warning("poll_cursor_reset", hint="the stored cursor is not a poll cursor; starting from "
-                                 "start_at (entries already journaled are deduplicated)")
+                pass
+            try:  # `relay cursor set --value <RFC 3339>`: the next poll's window starts there
+                parse_occurred_at(stored.strip())
+                return Position(None, stored.strip(), stored.strip())
+            except ValueError:
+                self.log.warning("poll_cursor_reset", hint="the stored cursor is neither a poll cursor nor an "
+                                 "RFC 3339 timestamp; starting from start_at (journaled entries are deduplicated)")
         return Position()
 
     def _window(self, position: Position) -> Position:

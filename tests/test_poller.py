@@ -313,6 +313,17 @@ async def test_check_reports_refused_credentials(tmp_path: Path) -> None:
     assert isinstance(Retry("x"), Retry)
 
 
+async def test_a_timestamp_set_as_cursor_starts_the_window_there(tmp_path: Path, autojump_clock: Any) -> None:
+    """What `relay cursor set --value 2024-05-14T00:02:00Z` leaves in the journal."""
+    api = PagedApi(entries=entries(200))
+    async with open_journal(tmp_path / "state") as journal:
+        await (await intake_for(journal, "api")).submit([], cursor="2024-05-14T00:02:00Z")
+        async with polling(journal, api) as source:
+            await source.wait_state("waiting")
+    assert api.requests[0]["occurred_at[gte]"] == "2024-05-14T00:02:00.000000Z"
+    assert len(stored(tmp_path / "state")) == 80
+
+
 class ApiThread:
     """The fake API over real HTTP in a thread of its own (the relay under test is another process)."""
 
