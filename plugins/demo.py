@@ -73,7 +73,8 @@ class DemoSource(relay.Source):
             await intake.wait_writable()
             try:
                 await intake.submit(entries, cursor=str(produced + n))
-            except relay.JournalUnavailable:
+            except relay.JournalUnavailable as exc:
+                await trio.sleep(min(exc.retry_after, 1.0))
                 continue
             produced += n
         self.log.info("demo_finished", produced=produced)

@@ -1,4 +1,4 @@
-"""The `relay` command: run, check, status, plugins, dlq, quarantine.
+"""The `relay` command: run, reload, check, status, replay, cursor, plugins, dlq, quarantine.
 
 Every command takes `--config FILE` (default `$RELAY_CONFIG`, else `./relay.yaml`). Exit codes: 0 done,
 1 a runtime failure, 2 invalid configuration or usage.
@@ -10,6 +10,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,12 +19,13 @@ import orjson
 import structlog
 import trio
 
-from relay import __version__, admin
+from relay import __version__, admin, pidfile
+from relay import reload as reloading
 from relay.config import Config, load_config
 from relay.errors import ConfigError, JournalError, PluginError, RelayError
 from relay.logs import configure_logging
 from relay.plugins import Registry, load_registry
-from relay.yamlfile import read_env_file
+from relay.yamlfile import load_yaml, read_env_file, substitute
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 Command = Callable[[argparse.Namespace], int]
@@ -52,7 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="configuration file (default: $RELAY_CONFIG, else ./relay.yaml)")
         return p
 
-    add("run", "Run the relay in the foreground until SIGTERM or SIGINT.")
+    add("run", "Run the relay in the foreground until SIGTERM or SIGINT; SIGHUP reloads the configuration.")
+    reload = add("reload", "Make the running relay read its configuration again, and report the outcome.")
+    reload.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                        help="how long to wait for the outcome (default 120; a changed destination first "
+                             "finishes its batches in flight, up to shutdown_timeout)")
     check = add("check", "Validate the configuration and print every problem at once.")
     check.add_argument("--env-file", metavar="FILE",
                        help="read ${VAR} values from this file instead of the environment (systemd format)")
@@ -60,6 +66,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also test each destination's and source's connectivity and credentials")
     status = add("status", "Show each destination's offset, backlog, state and dead letters, and each cursor.")
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    replay = add("replay", "Deliver the journal's entries from a time range again, to one destination only.")
+    replay.add_argument("--destination", "-d", required=True)
+    replay.add_argument("--since", required=True, metavar="TIME",
+                        help="entries that occurred at or after TIME: 2024-05-14T09:30:00Z, 2024-05-14 (UTC), "
+                             "or an age such as 6h or 2d")
+    replay.add_argument("--until", metavar="TIME", help="entries that occurred before TIME (default: now)")
+    replay.add_argument("--from-seq", type=int, default=0, metavar="N", help="resume an interrupted replay")
+    replay.add_argument("--dry-run", action="store_true", help="say what would be replayed, change nothing")
+    cursor = add("cursor", "Show or set a source's cursor (where a poller or an import resumes).")
+    cursor.add_argument("action", choices=["show", "set"])
+    cursor.add_argument("--source", "-s", required=True)
+    value = cursor.add_mutually_exclusive_group()
+    value.add_argument("--value", help="the new cursor (set)")
+    value.add_argument("--clear", action="store_true", help="forget the cursor: the source starts from its "
+                                                             "beginning (set)")
+    cursor.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    cursor.add_argument("--json", action="store_true", help="print JSON (show)")
     plugins = add("plugins", "List the installed source and destination types and their packages.")
     plugins.add_argument("--json", action="store_true", help="print JSON")
     dlq = add("dlq", "Manage dead letters: entries a destination refused.")
@@ -104,11 +127,12 @@ def load(args: argparse.Namespace, env: dict[str, str] | None = None) -> tuple[C
 
 @command("run")
 def cmd_run(args: argparse.Namespace) -> int:
+    from relay.sdnotify import Notifier
     from relay.service import Service
 
     config, _ = load(args)
     configure_logging(config.log.level, config.log.format)
-    service = Service(config)
+    service = Service(config, loader=lambda: load(args)[0], notifier=Notifier.from_environment())
 
     async def main() -> None:
         stop = trio.Event()
@@ -116,12 +140,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             async def signals() -> None:
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as received:
                     async for signum in received:
-                        if signum == signal.SIGHUP:
-                            structlog.get_logger("relay").warning(
-                                "reload_unsupported", hint="restart the service to apply a new configuration")
-                            continue
                         structlog.get_logger("relay").info("signal_received", signal=signal.Signals(signum).name)
-                        stop.set()
+                        if signum == signal.SIGHUP:
+                            service.request_reload()
+                        else:
+                            stop.set()
             nursery.start_soon(signals)
             await service.run(stop)
             nursery.cancel_scope.cancel()
@@ -141,7 +164,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.connect:
         from relay.connectivity import check_all
 
-        return EXIT_OK if trio.run(check_all, config) else EXIT_FAILURE
+        results = trio.run(check_all, config)
+        _table(["KIND", "NAME", "TYPE", "RESULT", "DETAIL"],
+               [[r.kind, r.name, r.type, "ok" if r.ok else "FAILED", r.detail] for r in results])
+        failed = sum(not r.ok for r in results)
+        if failed:
+            print(f"{failed} of {len(results)} check(s) failed", file=sys.stderr)
+        return EXIT_FAILURE if failed else EXIT_OK
     return EXIT_OK
 
 
@@ -157,12 +186,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
         return EXIT_OK
+    relay = report["relay"]
+    if relay["running"]:
+        print(f"relay: running (pid {relay['pid']})")
+    else:
+        print(f"relay: not running ({relay['holder']}, pid {relay['pid']}, holds the state dir)" if relay["holder"]
+              else "relay: not running")
     journal = report["journal"]
     print(f"journal {journal['path']}: last entry #{journal['last_seq']}, "
           f"{journal['used_bytes'] / 1048576:.1f} MiB used, {journal['quarantined']} quarantined")
-    _table(["DESTINATION", "TYPE", "STATE", "OFFSET", "BACKLOG", "DEAD", "LAST SUCCESS", "NEWEST DELIVERED"],
-           [[d["name"], d["type"] or "-", d["state"], d["offset"], d["backlog"], d["dead_letters"],
-             d["last_success_at"] or "never", d["newest_delivered_occurred_at"] or "-"]
+    _table(["DESTINATION", "TYPE", "STATE", "OFFSET", "BACKLOG", "OLDEST WAITING", "DEAD", "LAST SUCCESS",
+            "NEWEST DELIVERED", "LAG"],
+           [[d["name"], d["type"] or "-", d["state"], d["offset"], d["backlog"],
+             _age(d["oldest_undelivered_age_seconds"]) if d["backlog"] else "-", d["dead_letters"],
+             d["last_success_at"] or "never", d["newest_delivered_occurred_at"] or "-", _age(d["lag_seconds"])]
             for d in report["destinations"]])
     for d in report["destinations"]:
         if d["state_reason"]:
@@ -222,6 +259,150 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
             print(f"# quarantined {item_id}: {reason}")
             print(data.decode("utf-8", "replace"))
     return EXIT_OK
+
+
+@command("reload")
+def cmd_reload(args: argparse.Namespace) -> int:
+    state_dir = _state_dir_leniently(args.config)
+    running = pidfile.holder(state_dir)
+    if running is None or running.pid is None or running.what != "run":
+        print(f"relay: no relay is running with state_dir {state_dir}", file=sys.stderr)
+        return EXIT_FAILURE
+    before = reloading.read_outcome(state_dir)
+    sequence = before.sequence if before is not None and before.pid == running.pid else 0
+    os.kill(running.pid, signal.SIGHUP)
+    print(f"sent SIGHUP to the relay (pid {running.pid}); waiting for it to reload {args.config}")
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        outcome = reloading.read_outcome(state_dir)
+        if outcome is not None and outcome.pid == running.pid and outcome.sequence > sequence:
+            return _report_reload(outcome)
+        time.sleep(0.1)
+    print(f"relay: no outcome within {args.timeout:g}s; see the relay's log (reload_applied/reload_rejected)",
+          file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def _report_reload(outcome: reloading.Outcome) -> int:
+    if outcome.result == "rejected":
+        print(f"reload rejected: the relay keeps running on its previous configuration "
+              f"({len(outcome.problems)} problem{'s' * (len(outcome.problems) != 1)}):", file=sys.stderr)
+        for problem in outcome.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"reload {outcome.result}: {outcome.summary()}")
+    for key in outcome.restart_required:
+        print(f"  {key} changed: it takes effect at the next restart")
+    for problem in outcome.problems:
+        print(f"  failed: {problem}", file=sys.stderr)
+    return EXIT_OK if outcome.result == "applied" else EXIT_FAILURE
+
+
+def _state_dir_leniently(config_file: str) -> Path:
+    """The state dir named by a config file, even if the rest of the file is invalid (the running relay
+    validates it itself, in its own environment, and reports the problems)."""
+    try:
+        loaded = load_yaml(Path(config_file).read_text(encoding="utf-8"), config_file)
+    except OSError as exc:
+        raise RelayError(f"cannot read {config_file}: {exc.strerror}") from None
+    data = loaded.data if isinstance(loaded.data, dict) else {}
+    loaded.data = {"state_dir": data.get("state_dir")}
+    substitute(loaded, os.environ, Path(config_file).resolve().parent)
+    value = loaded.data["state_dir"]
+    if isinstance(value, str) and value:
+        return Path(value)
+    systemd_dir = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    return Path(systemd_dir) if systemd_dir else Path("state")
+
+
+@command("replay")
+def cmd_replay(args: argparse.Namespace) -> int:
+    from relay import replay
+    from relay.progress import Progress
+
+    config, _ = load(args)
+    if args.destination not in config.destinations:
+        print(f"relay: no destination {args.destination!r} in {args.config} "
+              f"(configured: {', '.join(sorted(config.destinations)) or 'none'})", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        since = replay.parse_time(args.since)
+        until = replay.parse_time(args.until) if args.until else time.time()
+    except ValueError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    plan = replay.plan_replay(config.state_dir, args.destination, since, until, args.from_seq)
+    print(f"{plan.entries:,} entries ({plan.bytes / 1048576:.1f} MiB) occurred between {admin.iso(since)} and "
+          f"{admin.iso(until)}: {'would be' if args.dry_run else 'to be'} delivered again to {args.destination}")
+    if plan.oldest_held is not None and plan.oldest_held > since:
+        print(f"  note: the journal holds entries from {admin.iso(plan.oldest_held)} on; older ones were pruned "
+              "(journal.retention)")
+    if args.dry_run or not plan.entries:
+        return EXIT_OK
+    with Progress(plan.entries, unit="entries") as progress:
+        done = replay.replay(config.state_dir, plan, max_size=config.journal.max_size, progress=progress.update)
+    running = pidfile.holder(config.state_dir)
+    if running is not None and running.what == "run":
+        where = "the running relay sends them within seconds"
+    else:
+        where = "they are sent when the relay starts"
+    print(f"{done:,} entries queued again for {args.destination}; {where}")
+    return EXIT_OK
+
+
+@command("cursor")
+def cmd_cursor(args: argparse.Namespace) -> int:
+    config, _ = load(args)
+    state_dir = config.state_dir
+    if args.source not in config.sources:
+        print(f"relay: no source {args.source!r} in {args.config} "
+              f"(configured: {', '.join(sorted(config.sources)) or 'none'})", file=sys.stderr)
+        return EXIT_CONFIG
+    current = admin.cursor_show(state_dir, args.source)
+    if args.action == "show":
+        if current is None:
+            print(f"relay: the journal has no cursor for source {args.source!r} (it has not committed one yet)",
+                  file=sys.stderr)
+            return EXIT_FAILURE
+        if args.json:
+            print(orjson.dumps(current, option=orjson.OPT_INDENT_2).decode())
+        else:
+            _table(["SOURCE", "CURSOR", "UPDATED", "LAST SUCCESS"],
+                   [[args.source, current["cursor"] if current["cursor"] is not None else "(none)",
+                     current["updated_at"] or "-", current["last_success_at"] or "never"]])
+        return EXIT_OK
+    if args.value is None and not args.clear:
+        print("relay: cursor set needs --value VALUE or --clear", file=sys.stderr)
+        return EXIT_CONFIG
+    old = current["cursor"] if current else None
+    new = None if args.clear else args.value
+    print(f"source {args.source}: cursor {old!r} -> {new!r}")
+    if not args.yes:
+        if not sys.stdin.isatty():
+            print("relay: not a terminal, so no confirmation can be asked: add --yes", file=sys.stderr)
+            return EXIT_CONFIG
+        answer = input("The source will resume from the new cursor: entries before it are not fetched again, "
+                       "entries after it may be fetched twice (and deduplicated). Set it? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("cursor unchanged")
+            return EXIT_FAILURE
+    try:
+        admin.cursor_set(state_dir, args.source, new)
+    except pidfile.StateDirBusy as exc:
+        print(f"relay: {exc}.", file=sys.stderr)
+        print("  A running source keeps its cursor in memory and would overwrite a new one: stop the relay "
+              "(systemctl stop audit-relay), set the cursor, start it again.", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"cursor of {args.source} set; the source resumes from it at the next start")
+    return EXIT_OK
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    from relay.progress import format_duration
+
+    return format_duration(seconds) if seconds < 86400 else f"{seconds / 86400:.1f}d"
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> None:

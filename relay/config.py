@@ -240,7 +240,7 @@ def _destination(name: str, raw: dict[str, Any], registry: Registry, loaded: Loa
     if delivery.retry.initial_backoff > delivery.retry.max_backoff:
         issues.append(loaded.issue((*path, "retry", "initial_backoff"), "must not exceed retry.max_backoff"))
         return None
-    concurrency = delivery.concurrency or plugin.cls.concurrency_default
+    concurrency = delivery.concurrency or plugin.cls.default_concurrency(settings)
     return DestinationConfig(name, plugin.name, settings, delivery, batch, concurrency, plugin)
 
 

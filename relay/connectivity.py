@@ -1,7 +1,13 @@
-"""`relay check --connect`: each destination's and source's own connectivity test, as a table."""
+"""`relay check --connect`: each destination's and source's own connectivity test, as table rows.
+
+A destination's `check()` tests its receiver and credentials without sending an entry; a source's tests
+what it can without taking entries (a receiver binds its listen address and releases it, a poller
+authenticates). Every check runs concurrently with a timeout; results never contain a secret.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -10,10 +16,21 @@ from relay.config import Config
 from relay.context import CheckFailed, Context
 from relay.logs import scrub
 
+__all__ = ["CHECK_TIMEOUT", "CheckResult", "check_all"]
+
 CHECK_TIMEOUT = 20.0
 
 
-async def _one(kind: str, name: str, instance: Any) -> tuple[bool, str]:
+@dataclass(frozen=True)
+class CheckResult:
+    kind: str
+    name: str
+    type: str
+    ok: bool
+    detail: str
+
+
+async def _one(instance: Any) -> tuple[bool, str]:
     try:
         with trio.fail_after(CHECK_TIMEOUT):
             await instance.open()
@@ -29,21 +46,22 @@ async def _one(kind: str, name: str, instance: Any) -> tuple[bool, str]:
         return False, f"{type(exc).__name__}: {exc}"
 
 
-async def check_all(config: Config) -> bool:
-    """Run every check (concurrently), print one line each, return True if all passed."""
-    results: dict[tuple[str, str], tuple[bool, str]] = {}
+async def check_all(config: Config) -> list[CheckResult]:
+    """Run every check concurrently; results sorted by kind (destinations first) and name."""
+    results: list[CheckResult] = []
 
-    async def run(kind: str, name: str, instance: Any) -> None:
-        results[(kind, name)] = await _one(kind, name, instance)
+    async def run(kind: str, name: str, type_name: str, make: Any, settings: Any) -> None:
+        try:
+            instance = make(Context(name, kind, config.state_dir), settings)  # type: ignore[arg-type]
+        except Exception as exc:
+            ok, detail = False, f"{type(exc).__name__}: {exc}"
+        else:
+            ok, detail = await _one(instance)
+        results.append(CheckResult(kind, name, type_name, ok, scrub(" ".join(str(detail).split()))))
 
     async with trio.open_nursery() as nursery:
         for name, dest in config.destinations.items():
-            instance = dest.plugin.cls(Context(name, "destination", config.state_dir), dest.settings)
-            nursery.start_soon(run, "destination", name, instance)
+            nursery.start_soon(run, "destination", name, dest.type, dest.plugin.cls, dest.settings)
         for name, src in config.sources.items():
-            instance = src.plugin.cls(Context(name, "source", config.state_dir), src.settings)
-            nursery.start_soon(run, "source", name, instance)
-    width = max((len(f"{k} {n}") for k, n in results), default=0)
-    for (kind, name), (ok, detail) in sorted(results.items()):
-        print(f"{'ok  ' if ok else 'FAIL'}  {f'{kind} {name}'.ljust(width)}  {scrub(detail)}")
-    return all(ok for ok, _ in results.values())
+            nursery.start_soon(run, "source", name, src.type, src.plugin.cls, src.settings)
+    return sorted(results, key=lambda r: (r.kind != "destination", r.name))

@@ -3,6 +3,11 @@
 The loop records each batch's boundaries before the first attempt, so after a crash the same batch (same
 entries, same `id`) is rebuilt and sent first. Up to `concurrency` batches are in flight; the offset only
 moves over a contiguous run of finished batches, so order of commits is preserved and nothing is skipped.
+
+For the "how far behind" metrics the loop keeps, in memory and cheap to read at scrape time: when it last
+delivered and the newest `occurred_at` delivered (both loaded from the journal at start, so they are right
+straight after a restart), the `occurred_at` of the entry right after its offset (the oldest it has not
+finished; re-read whenever the offset moves), and how many dead letters it holds.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ class DestinationSnapshot:
     last_success_at: float | None
     newest_delivered_occurred_at: float | None
     oldest_undelivered_occurred_at: float | None
+    dead_letters: int = 0
 
 
 class DeliveryLoop:
@@ -57,8 +63,11 @@ class DeliveryLoop:
         self.last_success_at: float | None = None
         self.newest_delivered: float | None = None
         self.oldest_undelivered: float | None = None
+        """`occurred_at` of the entry right after the offset; None when there is none."""
+        self.dead_letters = 0
         self._slots = trio.Semaphore(config.concurrency)
         self._stop = trio.Event()
+        self._changed = trio.Event()
         self._m_delivered = metrics.delivered.labels(self.name)
         self._m_dead = metrics.dead_lettered.labels(self.name)
         self._m_filtered = metrics.filtered.labels(self.name)
@@ -69,7 +78,21 @@ class DeliveryLoop:
         return DestinationSnapshot(
             self.name, self.config.type, self.state, self.reason, self.offset,
             max(0, self.journal.last_seq - self.offset), self.in_flight, self.last_success_at,
-            self.newest_delivered, self.oldest_undelivered)
+            self.newest_delivered, self.oldest_undelivered, self.dead_letters)
+
+    async def wait_offset(self, at_least: int) -> None:
+        """Return once the committed offset has reached `at_least`."""
+        while self.offset < at_least:
+            await self._changed.wait()
+
+    async def wait_state(self, state: str) -> None:
+        """Return once the destination is in `state` (and it is recorded in the journal)."""
+        while self.state != state:
+            await self._changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
 
     def stop(self) -> None:
         """Form no new batches; batches in flight carry on (the caller bounds them with a deadline)."""
@@ -77,8 +100,12 @@ class DeliveryLoop:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.offset, pending = await self.journal.register_destination(self.name, self.config.delivery.start_at)
+        self.last_success_at, self.newest_delivered, self.dead_letters = await self.journal.load_destination(self.name)
+        await self._refresh_head(self.offset)
         task_status.started()
         await self._open()
+        if self._stop.is_set():
+            return
         async with trio.open_nursery() as nursery:
             after = self.offset
             for record in pending:
@@ -104,14 +131,16 @@ class DeliveryLoop:
                     self._slots.release()
                     self._m_filtered.inc(len(rows_used))
                     moved = await self.journal.record_batch(self.name, first, last, {}, done=True)
-                    self._moved(moved)
+                    await self._moved(moved)
                     continue
-                batch = Batch(self.name, first, last, batch.entries, self.destination.describe(batch))
+                formed = Batch(self.name, first, last, batch.entries)  # boundaries as recorded, after the cut
+                batch = Batch(self.name, first, last, batch.entries, self.destination.describe(formed))
                 await self.journal.record_batch(self.name, first, last, dict(batch.attributes))
                 self._m_filtered.inc(len(rows_used) - len(batch.entries))
                 nursery.start_soon(self._deliver, batch)
 
     async def _open(self) -> None:
+        """Open the destination, retrying with backoff until it opens or the loop is told to stop."""
         backoff = Backoff(self.config.delivery.retry.initial_backoff, self.config.delivery.retry.max_backoff)
         while True:
             try:
@@ -121,26 +150,33 @@ class DeliveryLoop:
             except Exception as exc:
                 self.log.error("destination_open_failed", error=f"{type(exc).__name__}: {exc}")
                 await self._set_state("retrying", f"open failed: {exc}")
-                await trio.sleep(backoff.next_delay())
+                if await self._stopped_within(backoff.next_delay()):
+                    return
+
+    async def _stopped_within(self, delay: float) -> bool:
+        """Sleep for `delay`, or less if the loop is told to stop; True if it was."""
+        with trio.move_on_after(delay):
+            await self._stop.wait()
+            return True
+        return False
 
     async def _wait_rows(self, after: int) -> list[Row] | None:
         """Rows after `after` once a batch is worth sending (full, or `max_wait` passed); None on stop."""
         limits = self.config.batch
         deadline: float | None = None
-        while True:
+        while not self._stop.is_set():
             rows = await self.reader.read_after(after, limits.max_entries)
             if rows:
-                self.oldest_undelivered = self.oldest_undelivered or rows[0].occurred_at
+                if self.oldest_undelivered is None and after == self.offset:
+                    self.oldest_undelivered = rows[0].occurred_at
                 full = len(rows) >= limits.max_entries or sum(len(r.data) for r in rows) >= limits.max_bytes
                 now = trio.current_time()
                 deadline = deadline if deadline is not None else now + limits.max_wait
-                if full or now >= deadline or self._stop.is_set():
+                if full or now >= deadline:
                     return rows
                 wait_until = deadline
                 newest = rows[-1].seq
             else:
-                if self._stop.is_set():
-                    return None
                 wait_until = trio.current_time() + IDLE_POLL
                 newest = after
             with trio.move_on_at(wait_until):
@@ -151,6 +187,7 @@ class DeliveryLoop:
                     nursery.start_soon(stopped)
                     await self.journal.wait_appended(newest)
                     nursery.cancel_scope.cancel()
+        return None
 
     def _form(self, rows: list[Row], first: int, last: int,
               attributes: dict[str, str] | None) -> tuple[Batch, list[Row]]:
@@ -182,6 +219,9 @@ class DeliveryLoop:
         backoff = Backoff(retry.initial_backoff, retry.max_backoff)
         attempt = 1
         while True:
+            if not batch.entries:  # a resumed batch whose entries the filter no longer takes
+                await self._finish(batch, [], {})
+                return
             batch = Batch(self.name, batch.first_seq, batch.last_seq, batch.entries, batch.attributes, attempt)
             result = await self._attempt(batch)
             if isinstance(result, Delivered):
@@ -216,7 +256,10 @@ class DeliveryLoop:
                 delay = backoff.next_delay(result.after)
                 self.log.debug("retry_scheduled", batch=batch.id, attempt=attempt, delay=round(delay, 3),
                                reason=result.reason)
-            await trio.sleep(delay)
+            if await self._stopped_within(delay):
+                self.log.info("batch_left_for_restart", batch=batch.id,
+                              hint="waiting for a retry when the relay stopped; it is sent first on restart")
+                return
 
     def _log_rejected(self, batch: Batch, reasons: dict[int, str], resend: int) -> None:
         if reasons:
@@ -224,7 +267,7 @@ class DeliveryLoop:
                              first_reason=next(iter(reasons.values())), resend=resend)
 
     async def _attempt(self, batch: Batch) -> Result:
-        timeout = self.config.delivery.send_timeout
+        timeout = self.destination.attempt_timeout(self.config.delivery.send_timeout)
         started = time.perf_counter()
         try:
             with trio.move_on_after(timeout) as scope:
@@ -247,25 +290,35 @@ class DeliveryLoop:
             dead_letters=dead, resend_from=resend_from)
         self._m_delivered.inc(len(delivered))
         self._m_dead.inc(len(dead))
+        self.dead_letters += len(dead)
         if delivered:
             self.last_success_at = time.time()
             self.newest_delivered = max(self.newest_delivered or 0.0, newest or 0.0)
-        self._moved(moved)
         if self.state != "up" and (delivered or dead):
             await self._set_state("up", None)
+        await self._moved(moved)
 
-    def _moved(self, offset: int | None) -> None:
-        if offset is not None:
+    async def _moved(self, offset: int | None) -> None:
+        # Two batches finishing together each read an offset from the journal and then await the state
+        # change; the one that resumes last may carry the older offset. The offset only moves forward.
+        if offset is not None and offset > self.offset:
             self.offset = offset
-            self.oldest_undelivered = None
+            self._notify()
             if self.journal.statistics().full:
                 self.journal.request_prune()
+            await self._refresh_head(offset)
+
+    async def _refresh_head(self, offset: int) -> None:
+        """Re-read the entry right after `offset` (unless the offset has moved on meanwhile)."""
+        rows = await self.reader.read_after(offset, 1)
+        if self.offset == offset:
+            self.oldest_undelivered = rows[0].occurred_at if rows else None
 
     async def _set_state(self, state: str, reason: str | None) -> None:
         if state == self.state:
             self.reason = reason
             return
-        previous, self.state, self.reason = self.state, state, reason
+        previous = self.state
         if state == "halted":
             self.log.error("destination_halted", reason=reason,
                            hint="fix the configuration or credentials; retrying every retry.max_backoff")
@@ -274,3 +327,5 @@ class DeliveryLoop:
         elif previous != "starting":
             self.log.info("destination_recovered", previous=previous)
         await self.journal.set_destination_state(self.name, state, reason)
+        self.state, self.reason = state, reason
+        self._notify()

@@ -138,6 +138,12 @@ class Destination:
     concurrency_default: ClassVar[int] = 1
     """Batches in flight at once unless the user sets `concurrency`; offsets still commit in order."""
 
+    @classmethod
+    def default_concurrency(cls, settings: Any) -> int:
+        """`concurrency_default`, or a value that depends on the settings (a mode that holds each batch
+        longer, such as waiting for an acknowledgement, needs more batches in flight)."""
+        return cls.concurrency_default
+
     def __init__(self, context: Context, settings: Any) -> None:
         self.context = context
         self.name = context.name
@@ -150,6 +156,11 @@ class Destination:
     def describe(self, batch: Batch) -> dict[str, str]:
         """Attributes to record with a new batch's boundaries (an object key, say); kept across restarts."""
         return {}
+
+    def attempt_timeout(self, send_timeout: float) -> float:
+        """How long the delivery loop lets one `send()` run before retrying the batch. `send_timeout` unless
+        success legitimately takes longer (waiting for the receiver to confirm the batch is stored)."""
+        return send_timeout
 
     async def send(self, batch: Batch) -> Result:
         """Make one attempt to deliver `batch`; never sleep or retry here."""

@@ -6,11 +6,11 @@ from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from relay.asgi import Receive, Scope, Send, lifespan, respond
+from relay.asgi import ASGIApp, Receive, Scope, Send, lifespan, respond
 from relay.metrics import REGISTRY
 
 
-def endpoint_app(readiness: Callable[[], tuple[bool, str]]) -> Callable[[Scope, Receive, Send], object]:
+def endpoint_app(readiness: Callable[[], tuple[bool, str]]) -> ASGIApp:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await lifespan(receive, send)

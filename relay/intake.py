@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 import orjson
+import trio
 
 from relay import metrics
 from relay.entry import NewEntry, prepare
@@ -23,10 +25,13 @@ def _raw(item: Any) -> bytes:
 
 
 class JournalIntake:
-    def __init__(self, source: str, journal: Journal, cursor: str | None) -> None:
+    def __init__(self, source: str, journal: Journal, cursor: str | None,
+                 last_success_at: float | None = None) -> None:
         self.source = source
         self._journal = journal
         self._cursor = cursor
+        self.last_success_at = last_success_at
+        """When a submit last committed (also an empty one: a poll that found nothing new is a success)."""
         self._closed = False
         self._m_duplicates = metrics.source_duplicates.labels(source)
         self._m_quarantined = metrics.source_quarantined.labels(source)
@@ -44,6 +49,7 @@ class JournalIntake:
         self._closed = True
 
     async def submit(self, items: Sequence[Any], *, cursor: str | None = UNCHANGED) -> SubmitResult:
+        await trio.lowlevel.checkpoint()
         if self._closed:
             raise JournalUnavailable("the relay is stopping", retry_after=5.0)
         accepted: list[NewEntry] = []
@@ -65,6 +71,7 @@ class JournalIntake:
             raise
         if cursor is not UNCHANGED:
             self._cursor = cursor
+        self.last_success_at = time.time()
         families = Counter(metrics.action_family(e.action) for e in accepted)
         for family, count in families.items():
             metrics.source_received.labels(self.source, family).inc(count)
@@ -80,4 +87,6 @@ class JournalIntake:
         self._m_quarantined.inc()
 
     async def wait_writable(self) -> None:
+        if self._closed:
+            await trio.sleep_forever()  # the relay is stopping: this source is about to be cancelled
         await self._journal.wait_writable()

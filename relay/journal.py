@@ -32,6 +32,8 @@ T = TypeVar("T")
 log = structlog.get_logger("relay.journal")
 
 PRUNE_INTERVAL = 10.0
+REMOVED_KEEP = 7 * 86400.0
+"""A removed destination's offset row is kept this long, in case it comes back, then forgotten."""
 PRUNE_CHUNK = 20_000
 FULL_RESUME_RATIO = 0.95
 """Once full, sources resume when the journal is back under 95 % of `max_size` (no flapping)."""
@@ -140,6 +142,11 @@ class Journal:
         return self._last_seq
 
     @property
+    def running(self) -> bool:
+        """True while the writer task runs (between `run()` starting and stopping)."""
+        return self._running
+
+    @property
     def writable(self) -> bool:
         return self._running and not self._full and not self._disk_full()
 
@@ -147,6 +154,7 @@ class Journal:
         return time.monotonic() < self._disk_full_until
 
     async def wait_writable(self) -> None:
+        await trio.lowlevel.checkpoint()
         while not self.writable:
             if self._disk_full() and not self._full:
                 await trio.sleep(self._disk_full_until - time.monotonic())
@@ -295,9 +303,13 @@ class Journal:
         return await self.write(append, appends=True)
 
     async def load_cursor(self, source: str) -> str | None:
-        row = await self.read(lambda db: db.execute("SELECT cursor FROM sources WHERE name = ?",
+        return (await self.load_source(source))[0]
+
+    async def load_source(self, source: str) -> tuple[str | None, float | None]:
+        """The source's cursor and when it last succeeded (persisted, so metrics are right after a restart)."""
+        row = await self.read(lambda db: db.execute("SELECT cursor, last_success_at FROM sources WHERE name = ?",
                                                      (source,)).fetchone())
-        return row[0] if row else None
+        return (row[0], row[1]) if row else (None, None)
 
     # -- destinations -------------------------------------------------------------------------------
 
@@ -313,7 +325,7 @@ class Journal:
                 db.execute('INSERT INTO destinations (name, "offset", created_at, state_since)'
                            " VALUES (?, ?, ?, ?)", (name, start, time.time(), time.time()))
                 return start, []
-            db.execute("UPDATE destinations SET removed_at = NULL WHERE name = ?", (name,))
+            _returning(db, name, row[0])
             pending = [PendingBatch(first, last, orjson.loads(attrs), bool(done)) for first, last, attrs, done in
                        db.execute("SELECT first_seq, last_seq, attributes, done FROM pending"
                                   " WHERE destination = ? ORDER BY first_seq", (name,))]
@@ -357,6 +369,31 @@ class Journal:
 
         return await self.write(finish)
 
+    async def load_destination(self, name: str) -> tuple[float | None, float | None, int]:
+        """(last_success_at, newest occurred_at delivered, dead letters held) as persisted."""
+        def load(db: sqlite3.Connection) -> tuple[float | None, float | None, int]:
+            row = db.execute("SELECT last_success_at, last_occurred_at FROM destinations WHERE name = ?",
+                             (name,)).fetchone()
+            dead = db.execute("SELECT count(*) FROM dead_letters WHERE destination = ?", (name,)).fetchone()[0]
+            return (row[0] or None, row[1] or None, dead) if row else (None, None, dead)
+
+        return await self.read(load)
+
+    async def mark_removed(self, keep: Sequence[str]) -> list[str]:
+        """Mark every destination not in `keep` as removed (its row is kept `REMOVED_KEEP`); returns the
+        names newly marked."""
+        def mark(db: sqlite3.Connection) -> list[str]:
+            names = [r[0] for r in db.execute("SELECT name FROM destinations WHERE removed_at IS NULL")
+                     if r[0] not in keep]
+            db.executemany("UPDATE destinations SET removed_at = ? WHERE name = ?", [(time.time(), n) for n in names])
+            return names
+
+        return await self.write(mark)
+
+    async def dead_letter_counts(self) -> dict[str, int]:
+        return dict(await self.read(lambda db: db.execute(
+            "SELECT destination, count(*) FROM dead_letters GROUP BY destination").fetchall()))
+
     async def set_destination_state(self, destination: str, state: str, reason: str | None) -> None:
         await self.write(lambda db: db.execute(
             "UPDATE destinations SET state = ?, state_reason = ?, state_since = ? WHERE name = ?",
@@ -386,6 +423,7 @@ class Journal:
             with trio.move_on_after(PRUNE_INTERVAL):
                 await self._prune_now.wait()
             self._prune_now = trio.Event()
+            await self.write(_forget_removed)
             while await self.write(self._prune_chunk):
                 await trio.lowlevel.checkpoint()  # let other writes in between chunks
 
@@ -408,6 +446,38 @@ class Journal:
             "DELETE FROM entries WHERE seq IN (SELECT seq FROM entries WHERE seq <= ? ORDER BY seq LIMIT ?)"
             " AND received_at <= ?", (floor, PRUNE_CHUNK, cutoff)).rowcount
         return deleted
+
+
+def _returning(db: sqlite3.Connection, name: str, offset: int) -> None:
+    """A destination configured again after its removal: clear the mark, and say clearly if entries it
+    never received were pruned meanwhile (a removed destination does not hold pruning back)."""
+    removed = db.execute("SELECT removed_at FROM destinations WHERE name = ?", (name,)).fetchone()[0]
+    if removed is None:
+        return
+    db.execute("UPDATE destinations SET removed_at = NULL WHERE name = ?", (name,))
+    head = db.execute("SELECT min(seq) FROM entries WHERE seq > ?", (offset,)).fetchone()[0]
+    if head is None:
+        row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'entries'").fetchone()
+        missing_to = row[0] if row else 0
+    else:
+        missing_to = head - 1
+    if missing_to > offset:
+        log.warning("destination_gap", destination=name, first_seq=offset + 1, last_seq=missing_to,
+                    entries=missing_to - offset, removed_at=removed,
+                    hint="these entries were pruned while the destination was removed and cannot be sent")
+    else:
+        log.info("destination_returned", destination=name, offset=offset)
+
+
+def _forget_removed(db: sqlite3.Connection) -> None:
+    """Drop the offset and pending batches of destinations removed more than `REMOVED_KEEP` ago (their
+    dead letters stay until an operator purges them)."""
+    cutoff = time.time() - REMOVED_KEEP
+    names = [r[0] for r in db.execute("SELECT name FROM destinations WHERE removed_at < ?", (cutoff,))]
+    for name in names:
+        db.execute("DELETE FROM pending WHERE destination = ?", (name,))
+        db.execute("DELETE FROM destinations WHERE name = ?", (name,))
+        log.info("removed_destination_forgotten", destination=name)
 
 
 def _advance(db: sqlite3.Connection, destination: str) -> int | None:

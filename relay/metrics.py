@@ -2,23 +2,47 @@
 
 Every name starts with `audit_relay_` and uses base units. Labels are bounded: source and destination
 names come from the configuration, action families from the documented catalog (others count as
-`other`); never entry ids or free text.
+`other`); never entry ids or free text. `docs/monitoring.md` lists them all with the questions they
+answer; `relay_gauges()` is where the "how far behind" ones are computed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import platform
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-from prometheus_client.core import Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from relay.catalog import known_versions
 
+if TYPE_CHECKING:
+    from relay.delivery import DestinationSnapshot
+    from relay.journal import JournalStats
+
+_STARTED = time.time()
+
+
+class _ProcessCollector(ProcessCollector):
+    """`process_*` metrics also under systemd's `ProcSubset=pid`, which hides `/proc/stat` (the boot time)."""
+
+    def _boot_time(self) -> float:
+        try:
+            return float(super()._boot_time())  # type: ignore[no-untyped-call]
+        except OSError:
+            # Boot time = our start (measured at import) minus our age since boot (in /proc/self/stat).
+            with open(f"{self._proc}/self/stat", "rb") as stat:
+                ticks = float(stat.read().split(b")")[-1].split()[19])
+            return _STARTED - ticks / self._ticks
+
+
 REGISTRY = CollectorRegistry()
-ProcessCollector(registry=REGISTRY)
+_ProcessCollector(registry=REGISTRY)
 
 PREFIX = "audit_relay_"
 
@@ -51,6 +75,16 @@ retries = Counter(f"{PREFIX}destination_retries", "Failed attempts that will be 
 send_duration = Histogram(
     f"{PREFIX}destination_send_duration_seconds", "Duration of one delivery attempt.", ["destination"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=REGISTRY)
+reloads = Counter(f"{PREFIX}config_reloads", "Configuration reloads, by result (applied, partial, rejected).",
+                  ["result"], registry=REGISTRY)
+for _result in ("applied", "partial", "rejected"):
+    reloads.labels(_result)  # present at 0 from the start, so increase() sees the first one
+last_reload_successful = Gauge(f"{PREFIX}config_last_reload_successful",
+                               "1 if the newest reload was applied (or none was asked for), 0 if it was not.",
+                               registry=REGISTRY)
+last_reload_success = Gauge(f"{PREFIX}config_last_reload_success_timestamp_seconds",
+                            "When the running configuration was loaded (start or reload).", registry=REGISTRY)
+build_info = Info(f"{PREFIX}build", "The running audit-relay's version.", registry=REGISTRY)
 batch_entries = Histogram(
     f"{PREFIX}destination_batch_entries", "Entries per batch handed to the destination.", ["destination"],
     buckets=(1, 5, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 50000), registry=REGISTRY)
@@ -65,6 +99,78 @@ def action_family(action: str) -> str:
     """`api_key.created` -> `api_key`; families not in the catalog become `other` (bounded labels)."""
     family = action.split(".", 1)[0]
     return family if family in _families() else "other"
+
+
+def set_build_info(version: str) -> None:
+    build_info.info({"version": version, "python": platform.python_version()})
+
+
+@dataclass(frozen=True)
+class SourceSnapshot:
+    name: str
+    running: bool
+    last_success_at: float | None
+
+
+STATES = ("up", "retrying", "halted")
+
+
+def relay_gauges(stats: JournalStats, destinations: Sequence[DestinationSnapshot],
+                 sources: Sequence[SourceSnapshot], now: float | None = None) -> list[Metric]:
+    """Every gauge computed at scrape time, from in-memory snapshots (never a SQLite query)."""
+    now = time.time() if now is None else now
+
+    def family(name: str, doc: str, labels: list[str] | None = None) -> GaugeMetricFamily:
+        return GaugeMetricFamily(f"{PREFIX}{name}", doc, labels=labels)
+
+    used = family("journal_used_bytes", "Bytes the journal holds (entries, dead letters, quarantine, indexes).")
+    used.add_metric([], stats.used_bytes)
+    limit = family("journal_max_bytes", "journal.max_size: sources pause at this size.")
+    limit.add_metric([], stats.max_size)
+    full = family("journal_full", "1 while sources are paused because the journal (or its disk) is full.")
+    full.add_metric([], 1 if stats.full or stats.disk_full else 0)
+    last = family("journal_last_sequence", "Sequence number of the newest entry.")
+    last.add_metric([], stats.last_seq)
+
+    d = ["destination"]
+    backlog = family("destination_backlog_entries", "Journaled entries the destination has not finished yet.", d)
+    offset = family("destination_offset", "Sequence number up to which the destination has finished.", d)
+    in_flight = family("destination_batches_in_flight", "Batches handed to the destination and not finished.", d)
+    up = family("destination_up", "1 when the last attempt succeeded.", d)
+    state = family("destination_state", "1 for the destination's current state (up, retrying, halted).",
+                   ["destination", "state"])
+    lag = family("destination_lag_seconds", "Now minus the occurred_at of the newest entry delivered: how fresh "
+                 "the destination's data is (absent until it has delivered one).", d)
+    success = family("destination_last_success_timestamp_seconds", "When the destination last accepted entries.", d)
+    oldest = family("destination_oldest_undelivered_age_seconds", "Now minus the occurred_at of the oldest entry "
+                    "the destination has not finished (the one right after its offset); 0 when caught up.", d)
+    dead = family("destination_dead_letters", "Entries in the destination's dead-letter store now.", d)
+    for snap in destinations:
+        labels = [snap.name]
+        backlog.add_metric(labels, snap.backlog)
+        offset.add_metric(labels, snap.offset)
+        in_flight.add_metric(labels, snap.in_flight)
+        up.add_metric(labels, 1 if snap.state == "up" else 0)
+        for candidate in STATES:
+            state.add_metric([snap.name, candidate], 1 if snap.state == candidate else 0)
+        if snap.newest_delivered_occurred_at is not None:
+            lag.add_metric(labels, max(0.0, now - snap.newest_delivered_occurred_at))
+        if snap.last_success_at is not None:
+            success.add_metric(labels, snap.last_success_at)
+        undelivered = snap.oldest_undelivered_occurred_at
+        oldest.add_metric(labels, max(0.0, now - undelivered) if undelivered is not None and snap.backlog else 0.0)
+        dead.add_metric(labels, snap.dead_letters)
+
+    s = ["source"]
+    source_up = family("source_up", "1 while the source is running.", s)
+    source_success = family("source_last_success_timestamp_seconds",
+                            "When the source last committed a submit (a poll that found nothing new counts).", s)
+    for src in sources:
+        source_up.add_metric([src.name], 1 if src.running else 0)
+        if src.last_success_at is not None:
+            source_success.add_metric([src.name], src.last_success_at)
+    return [used, limit, full, last, backlog, offset, in_flight, up, state, lag, success, oldest, dead,
+            source_up, source_success]
 
 
 class SnapshotCollector(Collector):

@@ -91,5 +91,11 @@ class Source:
         """Test what can be tested without taking entries (bind, credentials); raise `CheckFailed`."""
         return "no check available for this source type"
 
+    async def reconfigure(self, settings: Any) -> bool:
+        """On reload with changed settings: apply them in place and return True if this type can (a push
+        receiver whose listen address is unchanged swaps its token without rebinding), or return False
+        (the default) to be stopped and started again with them, resuming from the committed cursor."""
+        return False
+
     async def close(self) -> None:
         """Release what `open()` acquired."""

@@ -1,0 +1,109 @@
+"""Engine benchmarks: the journal's raw insert rate, and demo -> journal -> file end to end.
+
+    .venv/bin/python bench/bench_engine.py [--n 100000] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+import yaml
+
+from common import ROOT, Report, cpu_seconds, peak_rss_bytes
+from relay.entry import prepare
+from relay.intake import JournalIntake
+from relay.journal import Journal
+from relay_plugins.demo import DemoSource
+
+
+def make_entries(n: int) -> list[dict[str, object]]:
+    source = DemoSource.__new__(DemoSource)
+    trio.run(source.open)
+    rng = random.Random(20240514)
+    return [source.make_entry(rng) for _ in range(n)]
+
+
+async def journal_rates(entries: list[dict[str, object]], report: Report) -> None:
+    prepared = [prepare(e) for e in entries]
+    for label, chunk, writers, validate in (("append, 1 writer x 1000-entry chunks", 1000, 1, False),
+                                            ("append, 8 writers x 100-entry chunks", 100, 8, False),
+                                            ("submit (validate + append), 8 writers x 100", 100, 8, True)):
+        with tempfile.TemporaryDirectory() as tmp:
+            journal = Journal(Path(tmp), max_size=1 << 34, retention=3600)
+            await journal.open()
+            intake = JournalIntake("bench", journal, None)
+            chunks = [entries[i:i + chunk] if validate else prepared[i:i + chunk]
+                      for i in range(0, len(entries), chunk)]
+            async with trio.open_nursery() as nursery:
+                await nursery.start(journal.run)
+                started = time.perf_counter()
+
+                async with trio.open_nursery() as writers_nursery:
+                    for w in range(writers):
+                        writers_nursery.start_soon(_writer, journal, intake, chunks[w::writers], validate)
+                elapsed = time.perf_counter() - started
+                nursery.cancel_scope.cancel()
+            await journal.close()
+            report.add(f"journal {label}", len(entries) / elapsed, "entries/s")
+
+
+async def _writer(journal: Journal, intake: JournalIntake, chunks: list[list], validate: bool) -> None:  # type: ignore[type-arg]
+    for part in chunks:
+        if validate:
+            await intake.submit(part)
+        else:
+            await journal.append("bench", part, (), None, keep_cursor=True)
+
+
+def end_to_end(n: int, report: Report) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out.jsonl"
+        config = Path(tmp) / "relay.yaml"
+        config.write_text(yaml.safe_dump({
+            "state_dir": str(Path(tmp) / "state"), "log": {"format": "json", "level": "warning"},
+            "metrics": {"listen": None},
+            "sources": {"demo": {"type": "demo", "rate": 1_000_000, "count": n, "seed": 1}},
+            "destinations": {"out": {"type": "file", "path": str(out)}},
+        }))
+        started = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "relay", "run", "--config", str(config)], cwd=ROOT)
+        lines = 0
+        rss = 0
+        while lines < n:
+            time.sleep(0.05)
+            rss = max(rss, peak_rss_bytes(proc.pid))
+            if out.exists():
+                with open(out, "rb") as f:
+                    lines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+            if proc.poll() is not None:
+                raise SystemExit(f"relay exited with {proc.returncode}")
+        elapsed = time.perf_counter() - started
+        cpu = cpu_seconds(proc.pid)
+        proc.terminate()
+        proc.wait(timeout=60)
+        report.add(f"demo -> journal -> file, {n:,} entries (incl. start-up)", n / elapsed, "entries/s")
+        report.add("  relay CPU per entry", cpu / n * 1e6, "us")
+        report.add("  peak RSS", rss / 1048576, "MiB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=100_000)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    report = Report("engine")
+    entries = make_entries(args.n)
+    trio.run(journal_rates, entries, report)
+    end_to_end(args.n, report)
+    report.print()
+
+
+if __name__ == "__main__":
+    main()

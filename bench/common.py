@@ -1,0 +1,48 @@
+"""Shared by the benchmarks: how figures are printed (a table, or JSON lines for `run_all.py`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@dataclass
+class Report:
+    bench: str
+    as_json: bool = field(default_factory=lambda: "--json" in sys.argv)
+    rows: list[tuple[str, float, str]] = field(default_factory=list)
+
+    def add(self, metric: str, value: float, unit: str) -> None:
+        self.rows.append((metric, value, unit))
+        if self.as_json:
+            print(json.dumps({"bench": self.bench, "metric": metric, "value": round(value, 3), "unit": unit}),
+                  flush=True)
+
+    def print(self) -> None:
+        if self.as_json:
+            return
+        width = max((len(m) for m, _, _ in self.rows), default=10)
+        print(f"\n{self.bench}")
+        for metric, value, unit in self.rows:
+            shown = f"{value:,.0f}" if abs(value) >= 100 else f"{value:,.3f}"
+            print(f"  {metric.ljust(width)}  {shown:>14} {unit}")
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """VmHWM of a running process (its peak resident set size)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -1,0 +1,156 @@
+"""The journal: dedupe, cursors committed with entries, quarantine, group commit, pruning, back-pressure."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+import relay
+from relay.intake import JournalIntake
+from relay.journal import Journal
+from tests import scripted
+from tests.helpers import config_dict, entry, journal_db, make_config, running_relay
+
+
+@asynccontextmanager
+async def open_journal(path: Path, max_size: int = 1 << 30, retention: float = 3600) -> AsyncIterator[Journal]:
+    journal = Journal(path, max_size=max_size, retention=retention)
+    await journal.open()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(journal.run)
+            yield journal
+            nursery.cancel_scope.cancel()
+    finally:
+        await journal.close()
+
+
+async def test_same_entry_twice_is_journaled_once(tmp_path: Path) -> None:
+    async with open_journal(tmp_path) as journal:
+        intake = JournalIntake("push", journal, None)
+        first = await intake.submit([entry(), entry(), entry("user.created")])
+        again = await intake.submit([entry("user.created"), entry("user.deactivated")])
+    assert (first.accepted, first.duplicates) == (2, 1)
+    assert (again.accepted, again.duplicates) == (1, 1)
+    with journal_db(tmp_path) as db:
+        assert db.execute("SELECT count(*) FROM entries").fetchone()[0] == 3
+
+
+async def test_entries_with_an_id_dedupe_by_id(tmp_path: Path) -> None:
+    async with open_journal(tmp_path) as journal:
+        intake = JournalIntake("push", journal, None)
+        await intake.submit([entry(id="evt_1")])
+        result = await intake.submit([entry(id="evt_1", occurred_at="2025-01-01T00:00:00Z"), entry(id="evt_2")])
+    assert (result.accepted, result.duplicates) == (1, 1)
+
+
+async def test_cursor_is_committed_with_the_entries(tmp_path: Path) -> None:
+    async with open_journal(tmp_path) as journal:
+        intake = JournalIntake("poller", journal, await journal.load_cursor("poller"))
+        assert intake.cursor is None
+        await intake.submit([entry()], cursor="page-2")
+        await intake.submit([entry("user.created")])  # cursor unchanged
+    async with open_journal(tmp_path) as journal:
+        assert await journal.load_cursor("poller") == "page-2"
+
+
+async def test_invalid_entries_are_quarantined_with_the_field_and_the_rest_accepted(tmp_path: Path) -> None:
+    bad = [
+        {"occurred_at": "2024-05-14T09:30:00Z", "actor": {"type": "user", "id": "u"}},
+        entry(occurred_at="yesterday"),
+        entry(actor={"type": "user"}),
+        entry(version="1"),
+        entry(targets={"type": "user"}),
+        "not an object",
+    ]
+    async with open_journal(tmp_path) as journal:
+        result = await JournalIntake("push", journal, None).submit([entry(), *bad])
+    assert (result.accepted, result.quarantined) == (1, 6)
+    reasons = dict(result.problems)
+    assert reasons[1] == "entry 1: action: missing"
+    assert reasons[2].startswith("entry 2: occurred_at: 'yesterday' is not an RFC 3339 timestamp")
+    assert reasons[3] == "entry 3: actor.id: missing"
+    assert reasons[4] == "entry 4: version: must be an integer, not a string"
+    assert reasons[5] == "entry 5: targets: must be an array, not an object"
+    assert reasons[6] == "entry 6: an entry must be a JSON object, not a string"
+    with journal_db(tmp_path) as db:
+        rows = db.execute("SELECT source, reason, data FROM quarantine ORDER BY id").fetchall()
+    assert [r[0] for r in rows] == ["push"] * 6
+    assert rows[5][2] == b'"not an object"', "the input itself is kept"
+
+
+async def test_unknown_actions_and_fields_pass_through_unchanged(tmp_path: Path) -> None:
+    future = entry("quantum_router.teleported", version=7, actor={"type": "robot", "id": "r1"}, hologram={"x": 1})
+    async with open_journal(tmp_path) as journal:
+        result = await JournalIntake("push", journal, None).submit([future])
+    assert result.accepted == 1
+    with journal_db(tmp_path) as db:
+        (data,) = db.execute("SELECT data FROM entries").fetchone()
+    assert relay.Entry(1, data, 0, "").value() == future
+
+
+async def test_concurrent_submits_share_commits_and_all_land(tmp_path: Path) -> None:
+    async with open_journal(tmp_path) as journal:
+        intake = JournalIntake("push", journal, None)
+        results = []
+
+        async def push(i: int) -> None:
+            results.append(await intake.submit(
+                [entry(occurred_at=f"2024-05-14T09:{i % 60:02d}:{j:02d}.{i:06d}Z") for j in range(20)]))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(50):
+                nursery.start_soon(push, i)
+    assert sum(r.accepted for r in results) == 1000
+    assert journal.last_seq == 1000
+
+
+async def test_delivered_entries_are_pruned_after_retention_undelivered_never(tmp_path: Path,
+                                                                           script: scripted.Script) -> None:
+    config = make_config(config_dict(tmp_path, {"in": {"type": "manual"}},
+                                     {"out": {"type": "scripted", "script": "main"}}, journal={"retention": 0}),
+                         extra=[scripted])
+    script.answers = [relay.Delivered(), relay.Halted("stop here")] + [relay.Halted("stop here")] * 100
+    async with running_relay(config) as service:
+        intake = service.sources["in"].intake
+        await intake.submit([entry(occurred_at=f"2024-05-14T09:30:{i:02d}Z") for i in range(10)])
+        loop = service.destinations["out"].loop
+        with trio.fail_after(30):
+            await loop.wait_offset(10)
+        await intake.submit([entry(occurred_at=f"2024-05-14T10:30:{i:02d}Z") for i in range(5)])
+        with trio.fail_after(30):
+            await loop.wait_state("halted")
+        deleted = await service.journal.write(service.journal._prune_chunk)
+    assert deleted == 10
+    with journal_db(tmp_path / "state") as db:
+        assert [r[0] for r in db.execute("SELECT seq FROM entries ORDER BY seq")] == [11, 12, 13, 14, 15]
+
+
+async def test_full_journal_pauses_sources_until_delivery_frees_space(tmp_path: Path,
+                                                                     script: scripted.Script) -> None:
+    """Journal full -> sources pause (nothing dropped) -> delivery frees space -> sources resume."""
+    script.gate = trio.Event()
+    config = make_config(config_dict(
+        tmp_path, {"demo": {"type": "demo", "rate": 20000, "count": 6000}},
+        {"out": {"type": "scripted", "script": "main", "batch": {"max_entries": 500}}},
+        journal={"max_size": "1MiB", "retention": 0}), extra=[scripted])
+    async with running_relay(config) as service:
+        journal = service.journal
+        with trio.fail_after(30):
+            while not journal.statistics().full:  # noqa: ASYNC110 - the demo source fills it at its own pace
+                await trio.sleep(0.01)
+        assert not service.sources["demo"].intake.writable
+        with pytest.raises(relay.JournalUnavailable, match="full"):
+            await service.sources["demo"].intake.submit([entry()])
+        held = journal.last_seq
+        assert held < 6000, "the demo source paused before producing everything"
+        script.gate.set()
+        with trio.fail_after(60):
+            await service.destinations["out"].loop.wait_offset(6000)
+    assert sorted(e.seq for e in script.delivered) == list(range(1, 6001))
+    with journal_db(tmp_path / "state") as db:
+        assert db.execute("SELECT cursor FROM sources WHERE name = 'demo'").fetchone()[0] == "6000"
