@@ -2,16 +2,16 @@
 
     .venv/bin/python bench/bench_syslog.py [--entries 100000] [--batch 1000] [--concurrency 16] [--json]
 
-Drives the destination the way the delivery loop does (one `send()` per batch, `concurrency` at once)
-with real incident.io-shaped entries from the catalog, and stops the clock when syslog-ng has written
-the last message to its file, so the figure is entries the receiver really got. syslog-ng writes
+Drives the destination the way the delivery loop does (one `send()` per batch, `concurrency` at once;
+with `confirm_after: 0` one at a time, as the type's default then is) with real incident.io-shaped entries
+from the catalog, and stops the clock when syslog-ng has written the last message to its file, so the
+figure is entries the receiver really got. syslog-ng writes
 `${RAWMSG}` only, to keep the receiver from being the bottleneck; it runs on the same machine.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -21,15 +21,12 @@ import orjson
 import trio
 import trustme
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-from relay_plugins.syslog import SyslogDestination, SyslogSettings  # noqa: E402
-from syslog_receiver import SYSLOG_NG, SyslogNg, TlsFiles  # noqa: E402
-
-import relay  # noqa: E402
-from relay.catalog import load_catalog  # noqa: E402
-from relay.logs import configure_logging  # noqa: E402
+import relay
+from common import Report
+from relay.catalog import load_catalog
+from relay.logs import configure_logging
+from relay_plugins.syslog import SyslogDestination, SyslogSettings
+from tests.syslog_receiver import SYSLOG_NG, SyslogNg, TlsFiles
 
 
 def make_batches(total: int, size: int) -> list[relay.Batch]:
@@ -75,7 +72,7 @@ async def run_one(receiver: SyslogNg, settings: dict[str, object], batches: list
     return elapsed, sum(len(e.data) for b in batches for e in b.entries)
 
 
-async def main(args: argparse.Namespace) -> list[dict[str, object]]:
+async def main(args: argparse.Namespace, report: Report) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-syslog-") as tmp:
         work = Path(tmp)
         ca = trustme.CA()
@@ -90,43 +87,35 @@ async def main(args: argparse.Namespace) -> list[dict[str, object]]:
         tcp = {**common, "port": receiver.ports["tcp"]}
         tls = {**common, "port": receiver.ports["tls"], "transport": "tls", "tls": {"ca_file": str(work / "ca.pem")}}
         runs = {  # the defaults, and confirm_after: 0 (acknowledgements only) to show what the wire takes
-            "tcp": tcp, "tcp_confirm_0": {**tcp, "confirm_after": 0},
-            "tls": tls, "tls_confirm_0": {**tls, "confirm_after": 0},
+            "tcp": (tcp, args.concurrency), "tcp_confirm_after_0": ({**tcp, "confirm_after": 0}, 1),
+            "tls": (tls, args.concurrency), "tls_confirm_after_0": ({**tls, "confirm_after": 0}, 1),
         }
-        figures: list[dict[str, object]] = []
         try:
-            for name, settings in runs.items():
-                await run_one(receiver, settings, batches[: max(1, len(batches) // 10)], args.concurrency, work)
-                elapsed, nbytes = await run_one(receiver, settings, batches, args.concurrency, work)
-                figures.append({"bench": "syslog", "metric": f"{name}_entries_per_second",
-                                "value": round(args.entries / elapsed), "unit": "entries/s"})
-                figures.append({"bench": "syslog", "metric": f"{name}_json_mib_per_second",
-                                "value": round(nbytes / elapsed / 2**20, 1), "unit": "MiB/s"})
+            for name, (settings, concurrency) in runs.items():
+                warm_up = batches[: max(1, len(batches) // 10)]
+                await run_one(receiver, settings, warm_up, concurrency, work)
+                elapsed, nbytes = await run_one(receiver, settings, batches, concurrency, work)
+                report.add(f"{name}_entries_per_second", args.entries / elapsed, "entries/s")
+                report.add(f"{name}_mib_per_second", nbytes / elapsed / 2**20, "MiB/s (entry JSON)")
         finally:
             await receiver.stop()
-        return figures
 
 
 def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--entries", type=int, default=100_000)
-    parser.add_argument("--batch", type=int, default=1000, help="entries per batch (the type's default)")
-    parser.add_argument("--concurrency", type=int, default=SyslogDestination.concurrency_default)
+    parser.add_argument("--batch", type=int, default=SyslogDestination.batch_defaults.max_entries,
+                        help="entries per batch (default: the type's)")
+    parser.add_argument("--concurrency", type=int, default=SyslogDestination.concurrency_default,
+                        help="batches in flight with confirm_after (default: the type's)")
     parser.add_argument("--json", action="store_true", help="one JSON object per figure per line")
     args = parser.parse_args()
     if SYSLOG_NG is None:
         sys.exit("syslog-ng is not installed (Debian: apt-get install syslog-ng-core)")
     configure_logging("warning", "json", stream=sys.stderr)
-    figures = trio.run(main, args)
-    if args.json:
-        for figure in figures:
-            print(json.dumps(figure))
-        return
-    print(f"syslog destination -> syslog-ng on 127.0.0.1, {args.entries} entries, batches of {args.batch}, "
-          f"concurrency {args.concurrency}")
-    print(f"{'metric':<32}{'value':>12}  unit")
-    for figure in figures:
-        print(f"{figure['metric']:<32}{figure['value']:>12}  {figure['unit']}")
+    report = Report("syslog")
+    trio.run(main, args, report)
+    report.print()
 
 
 if __name__ == "__main__":

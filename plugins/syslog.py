@@ -156,6 +156,16 @@ class SyslogDestination(relay.Destination):
     """Batches waiting out `confirm_after` at once; they are still written one after another, in order."""
     settings: SyslogSettings
 
+    @classmethod
+    def default_concurrency(cls, settings: Any) -> int:
+        """16 while batches wait out `confirm_after`; 1 when nothing waits (udp, or `confirm_after: 0`)."""
+        waits = settings.transport != "udp" and settings.confirm_after > 0
+        return cls.concurrency_default if waits else 1
+
+    def attempt_timeout(self, send_timeout: float) -> float:
+        """`confirm_after` is part of every successful attempt: it does not eat into `send_timeout`."""
+        return send_timeout + (self.settings.confirm_after if self.settings.transport != "udp" else 0.0)
+
     _link: StreamLink | DatagramLink | None = None
 
     async def open(self) -> None:

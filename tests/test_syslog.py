@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,9 +16,12 @@ import pydantic
 import pytest
 import trio
 import trustme
-import yaml
 from hypothesis import given
 from hypothesis import strategies as st
+
+import relay
+from relay.config import Config
+from relay.entry import parse_occurred_at
 from relay_plugins.syslog import SyslogDestination, SyslogSettings
 from relay_plugins.syslog_format import (
     BOM,
@@ -31,14 +33,18 @@ from relay_plugins.syslog_format import (
     sd_escape,
     truncate_utf8,
 )
-from syslog_receiver import SYSLOG_NG, SyslogNg, TlsFiles, free_port
-
-import relay
-from relay.config import Config, parse_config
-from relay.entry import parse_occurred_at
-from relay.journal_schema import JOURNAL_FILE
-from relay.plugins import load_registry
-from relay.service import Service
+from tests import scripted
+from tests.helpers import (
+    config_dict,
+    dead_letters,
+    destination_row,
+    free_port,
+    journal_entries,
+    make_config,
+    running_relay,
+    wait_until,
+)
+from tests.syslog_receiver import SYSLOG_NG, SyslogNg, TlsFiles
 
 AUTHPRIV = 10
 SOURCE_OF = {"tcp": "s_tcp", "lf": "s_lf", "udp": "s_udp", "tls": "s_tls", "mtls": "s_mtls"}
@@ -396,38 +402,11 @@ async def test_a_connection_the_receiver_closed_while_idle_is_replaced_without_a
 # -- end to end: the relay keeps streaming through a receiver restart ------------------------------------
 
 def relay_config(tmp_path: Path, destination: dict[str, Any], count: int) -> Config:
-    data = {
-        "state_dir": str(tmp_path / "state"), "log": {"level": "warning", "format": "json"},
-        "metrics": {"listen": None}, "shutdown_timeout": "10s",
-        "sources": {"demo": {"type": "demo", "rate": 400, "count": count, "seed": 7}},
-        "destinations": {"siem": {"type": "syslog", **destination, "batch": {"max_wait": "20ms"},
-                                  "retry": {"initial_backoff": "50ms", "max_backoff": "500ms"}}},
-    }
-    return parse_config(yaml.safe_dump(data), "relay.yaml", load_registry(), {})
-
-
-@asynccontextmanager
-async def running(config: Config) -> AsyncIterator[Service]:
-    service, stop, ready = Service(config), trio.Event(), trio.Event()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(lambda: service.run(stop, on_ready=lambda _: ready.set()))
-        await ready.wait()
-        try:
-            yield service
-        finally:
-            stop.set()
-
-
-def journal(state_dir: Path) -> tuple[list[bytes], dict[str, Any]]:
-    db = sqlite3.connect(f"file:{state_dir / JOURNAL_FILE}?mode=ro", uri=True)
-    try:
-        entries = [row[0] for row in db.execute("SELECT data FROM entries ORDER BY seq")]
-        db.row_factory = sqlite3.Row
-        row = dict(db.execute("SELECT * FROM destinations WHERE name = 'siem'").fetchone())
-        row["dead_letters"] = db.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
-        return entries, row
-    finally:
-        db.close()
+    data = config_dict(
+        tmp_path, sources={"demo": {"type": "demo", "rate": 400, "count": count, "seed": 7}},
+        destinations={"siem": {"type": "syslog", **destination, "batch": {"max_wait": "20ms"},
+                               "retry": {"initial_backoff": "50ms", "max_backoff": "500ms"}}})
+    return make_config(data)
 
 
 @pytest.mark.parametrize("port", ["tcp", "tls"])
@@ -437,26 +416,61 @@ async def test_receiver_restarted_mid_stream_nothing_is_lost(receiver: SyslogNg,
     settings = settings_for(receiver, port, tmp_path)
     del settings["confirm_after"]  # the default, which covers syslog-ng's shutdown
     config = relay_config(tmp_path, settings, count)
-    async with running(config) as service:
+    async with running_relay(config) as service:
+        loop = service.destinations["siem"].loop
         await receiver.wait_received(count // 3)
         await receiver.stop()
         down_at = len(receiver.received())
-        loop = service.destinations["siem"].loop
-        with trio.fail_after(30):
-            while loop.state != "retrying":  # noqa: ASYNC110 - no event for this: the relay noticed the outage
-                await trio.sleep(0.01)
+        await wait_until(lambda: loop.state == "retrying", what="the relay to notice the receiver is gone")
         await receiver.start()
         await receiver.wait_received(count)
-        with trio.fail_after(30):
-            while loop.snapshot().backlog:  # noqa: ASYNC110 - no event for this
-                await trio.sleep(0.02)
+        await wait_until(lambda: loop.snapshot().backlog == 0, what="the backlog to be delivered")
     assert down_at < count, "the restart did not happen mid-stream"
-    entries, row = journal(config.state_dir)
+    entries = [data for _, data in journal_entries(config.state_dir)]
     assert len(entries) == count
-    arrived = [m["msg"].encode() for m in receiver.received()]
-    assert set(entries) <= set(arrived), f"{len(set(entries) - set(arrived))} entries lost"
-    assert row["offset"] == count and row["dead_letters"] == 0 and row["state"] == "up"
-    assert "syslog-ng starting up" in receiver.log_text()
+    arrived = {m["msg"].encode() for m in receiver.received()}
+    assert set(entries) <= arrived, f"{len(set(entries) - arrived)} entries lost"
+    row = destination_row(config.state_dir, "siem")
+    assert (row["offset"], row["state"]) == (count, "up")
+    assert dead_letters(config.state_dir, "siem") == []
+
+
+def manual_config(tmp_path: Path, destination: dict[str, Any]) -> Config:
+    siem = {"type": "syslog", **destination, "batch": {"max_wait": "10ms"},
+            "retry": {"initial_backoff": "10ms", "max_backoff": "50ms"}}
+    return make_config(config_dict(tmp_path, {"in": {"type": "manual"}}, {"siem": siem}, shutdown_timeout="1s"),
+                       extra=[scripted])
+
+
+async def test_through_the_relay_an_oversized_entry_is_dead_lettered_and_the_rest_delivered(
+        receiver: SyslogNg, tmp_path: Path) -> None:
+    config = manual_config(tmp_path, {**settings_for(receiver, "tcp", tmp_path), "max_message_size": "2KiB"})
+    values = [entry_value(n, padding="x" * 3000 if n == 2 else "") for n in range(5)]
+    async with running_relay(config) as service:
+        assert (await service.sources["in"].intake.submit(values)).accepted == 5
+        loop = service.destinations["siem"].loop
+        await wait_until(lambda: loop.offset == 5, what="the offset to pass every entry")
+    received = await receiver.wait_received(4)
+    assert [json.loads(m["msg"]) for m in received] == [v for n, v in enumerate(values) if n != 2]
+    [(seq, reason, data)] = dead_letters(config.state_dir, "siem")
+    assert (seq, json.loads(data)) == (3, values[2])
+    assert reason.startswith("the syslog message for this entry is ") and "over max_message_size (2048" in reason
+
+
+async def test_through_the_relay_tls_with_a_wrong_ca_halts_and_keeps_the_entries(
+        receiver: SyslogNg, tmp_path: Path) -> None:
+    other = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other))
+    config = manual_config(tmp_path, settings_for(receiver, "tls", tmp_path, tls={"ca_file": str(other)}))
+    async with running_relay(config) as service:
+        await service.sources["in"].intake.submit([entry_value(1), entry_value(2)])
+        loop = service.destinations["siem"].loop
+        await wait_until(lambda: loop.state == "halted", what="the destination to halt")
+        assert loop.reason is not None and "certificate verify failed" in loop.reason
+        assert loop.offset == 0
+    row = destination_row(config.state_dir, "siem")
+    assert row["state"] == "halted" and "certificate verify failed" in row["state_reason"]
+    assert receiver.received() == [] and dead_letters(config.state_dir, "siem") == []
 
 
 # -- settings -------------------------------------------------------------------------------------------
@@ -471,6 +485,15 @@ def test_settings_defaults() -> None:
     assert SyslogSettings.model_validate({"host": "h", "transport": "tls"}).effective_port == 6514
     udp = SyslogSettings.model_validate({"host": "h", "transport": "udp"})
     assert (udp.effective_port, udp.effective_max_message_size) == (514, 2048)
+
+
+@pytest.mark.parametrize(("settings", "concurrency"), [
+    ({}, 16), ({"transport": "tls"}, 16), ({"confirm_after": "0s"}, 1), ({"transport": "udp"}, 1),
+])
+def test_concurrency_default_follows_confirm_after(tmp_path: Path, settings: dict[str, Any],
+                                                   concurrency: int) -> None:
+    config = make_config(config_dict(tmp_path, destinations={"siem": {"type": "syslog", "host": "h", **settings}}))
+    assert config.destinations["siem"].concurrency == concurrency
 
 
 def test_severity_overrides_are_globs_in_order() -> None:
