@@ -2,9 +2,9 @@
 
 One persistent connection per destination; after any failure it is dropped and a new one is opened on
 the next attempt (the delivery loop spaces the attempts out). A batch counts as delivered once every byte
-was written, acknowledged by the receiver's TCP stack and the connection is still open; otherwise the
-whole batch is sent again, so TCP and TLS are at-least-once. UDP cannot confirm anything. The wire
-format is in `syslog_format`, the connections in `syslog_transport`.
+was written and acknowledged by the receiver's TCP stack, and the connection was still open
+`confirm_after` later; otherwise the whole batch is sent again, so TCP and TLS are at-least-once. UDP
+cannot confirm anything. The wire format is in `syslog_format`, the connections in `syslog_transport`.
 
 Metrics (besides the delivery loop's `audit_relay_destination_*`):
 

@@ -6,7 +6,8 @@ What a sender can confirm over plain syslog is limited, and this module does all
   (the socket's send queue is empty, Linux `SIOCOUTQ`), then checks that the receiver has not closed or
   reset the connection. Before each batch it checks the same, so a connection the receiver closed while
   idle is replaced instead of swallowing a batch. What TCP cannot confirm: that the receiving program read
-  and stored the bytes its kernel acknowledged. Anything unconfirmed is sent again: at-least-once.
+  and stored the bytes its kernel acknowledged (the destination's `confirm_after` narrows that down).
+  Anything unconfirmed is sent again: at-least-once.
 * UDP: nothing is acknowledged. A connected socket at least reports ICMP "port unreachable" on a later
   send, which is turned into a retry.
 
@@ -42,6 +43,11 @@ TLS_HOUSEKEEPING_GRACE = 0.01
 """How long to let a TLS stream finish reading records that carry no data (TLS 1.3 session tickets)."""
 _READABLE = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP | getattr(select, "POLLRDHUP", 0)
 _SIOCOUTQ = 0x5411 if sys.platform.startswith("linux") else None  # == termios.TIOCOUTQ on Linux
+_UNTRUSTED = " (tls.ca_file must hold the CA that signed the receiver's certificate)"
+_VERIFY_HINTS = {  # OpenSSL X509_V_ERR_* codes
+    2: _UNTRUSTED, 18: _UNTRUSTED, 19: _UNTRUSTED, 20: _UNTRUSTED, 21: _UNTRUSTED,
+    62: " (the certificate does not name this host: set tls.server_name to a name it holds)",
+}
 
 
 class LinkError(Exception):
@@ -242,11 +248,9 @@ class StreamLink:
     def _translate(self, exc: BaseException, doing: str) -> LinkError:
         cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
         if isinstance(cause, ssl.SSLCertVerificationError):
-            hint = ("tls.ca_file must hold the CA that signed the receiver's certificate"
-                    if cause.verify_code != 62 else  # X509_V_ERR_HOSTNAME_MISMATCH
-                    "the certificate does not name this host: set tls.server_name to a name it holds")
+            hint = _VERIFY_HINTS.get(cause.verify_code, "")
             return LinkError(f"TLS handshake with {self.address} failed: certificate verify failed: "
-                             f"{cause.verify_message.rstrip('.')} ({hint})", permanent=True)
+                             f"{cause.verify_message.rstrip('.')}{hint}", permanent=True)
         if isinstance(cause, ssl.SSLError):
             if not _ssl_transient(cause):
                 return LinkError(f"TLS with {self.address} failed: {_ssl_text(cause)}{_ssl_hint(cause)}",

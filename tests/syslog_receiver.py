@@ -19,18 +19,14 @@ from typing import Any
 
 import trio
 
+from tests.helpers import free_port
+
 SYSLOG_NG = shutil.which("syslog-ng") or next(
     (p for p in ("/usr/sbin/syslog-ng", "/sbin/syslog-ng") if Path(p).exists()), None)
 
 TEMPLATE = ("$(format-json --pair src=${SOURCE} --pair pri=${PRI} --pair ts=${ISODATE} --pair host=${HOST} "
             "--pair app=${PROGRAM} --pair procid=${PID} --pair msgid=${MSGID} --pair msg=${MSG} "
             "--pair raw=${RAWMSG} --scope sdata)\\n")
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)

@@ -141,9 +141,10 @@ async def send_all_once(receiver: SyslogNg, destination: SyslogDestination, valu
 
 
 def sdata(message: dict[str, Any]) -> dict[str, str]:
-    """The `audit@32473` structured data as syslog-ng parsed (and unescaped) it."""
-    return {key.removeprefix(".SDATA.audit@32473."): value for key, value in message.items()
-            if key.startswith(".SDATA.audit@32473.")} or message.get("_SDATA", {}).get("audit@32473", {})
+    """The `audit@32473` structured data as syslog-ng parsed (and unescaped) it; format-json nests
+    `.SDATA.audit@32473.action` as `{"_SDATA": {"audit@32473": {"action": ...}}}`."""
+    result: dict[str, str] = message.get("_SDATA", {}).get("audit@32473", {})
+    return result
 
 
 def check_rfc5424(message: dict[str, Any], value: dict[str, Any], *, severity: int = 5) -> None:
