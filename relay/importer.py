@@ -77,7 +77,10 @@ def import_file(config: Config, registry: Registry, name: str, file: Path, fmt: 
 async def _run(config: Config, cls: type[Any], settings: Any, name: str, out: TextIO) -> int:
     journal = Journal(config.state_dir, max_size=config.journal.max_size, retention=config.journal.retention)
     await journal.open()
-    journal.active_destinations = set(config.destinations)  # prune only what every destination has finished
+    # This process's pruner must never outrun a destination of the relay daemon, whose configuration may
+    # differ from the one given here: every destination the journal knows holds pruning back.
+    known = await journal.read(lambda db: [row[0] for row in db.execute("SELECT name FROM destinations")])
+    journal.active_destinations = set(config.destinations) | set(known)
     interrupted = False
     source = cls(Context(name, "source", config.state_dir, JournalStateStore(journal, f"source:{name}")), settings)
     progress: ImportProgress = source.progress
