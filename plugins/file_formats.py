@@ -235,7 +235,8 @@ class JsonArrayReader:
         self.records += 1
         start = self.offset
         raw = self.buf[self.pos:end].encode("utf-8")
-        self._consume(end)
+        self.offset += len(raw)
+        self.pos = end
         self.item_end = self.offset
         self._want = _READ
         chunk.items.append(value)
