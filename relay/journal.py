@@ -102,8 +102,8 @@ class Journal:
         self._disk_full_until = 0.0
         self._last_seq = 0
         self._used = 0
-        self.active_destinations: set[str] = set()
-        """Destinations whose offsets hold back pruning (the service keeps this up to date)."""
+        self.active_destinations: set[str] | None = None
+        """Destinations whose offsets hold back pruning; None (nothing is pruned) until the owner says."""
 
     # -- life cycle -------------------------------------------------------------------------------
 
@@ -203,7 +203,15 @@ class Journal:
             ops, self._queue = self._queue, []
             if not ops:
                 continue
-            await trio.to_thread.run_sync(self._run_group, ops, limiter=self._limiter)
+            completed = False
+            try:
+                await trio.to_thread.run_sync(self._run_group, ops, limiter=self._limiter)
+                completed = True
+            finally:
+                if not completed:  # cancelled before the thread started: these writes never ran
+                    for op in ops:
+                        op.error = JournalUnavailable("the relay is stopping")
+                        op.done.set()
             self._update_full()
             if any(op.appends and op.error is None for op in ops):
                 self._appended.set()
@@ -447,6 +455,8 @@ class Journal:
     def _prune_chunk(self, db: sqlite3.Connection) -> int:
         """Delete up to one chunk of entries every active destination is done with and that are past
         retention (or any such entries while the journal is over 90 % full). Returns rows deleted."""
+        if self.active_destinations is None:  # not known yet: pruning now could delete undelivered entries
+            return 0
         names = sorted(self.active_destinations)
         if names:
             marks = ",".join("?" * len(names))
