@@ -38,8 +38,10 @@ csv.field_size_limit(max(csv.field_size_limit(), MAX_RECORD))
 class Chunk:
     items: list[Any] = field(default_factory=list)
     """Parsed values, each still to pass entry validation."""
-    origins: list[tuple[str, bytes]] = field(default_factory=list)
-    """For each item: where it was (`line 12 (byte 3456)`) and its raw bytes, for a quarantine record."""
+    origins: list[tuple[int, int, bytes]] = field(default_factory=list)
+    """For each item: its record number, byte offset and raw bytes, for a quarantine record."""
+    noun: str = "line"
+    """What a record is in this format: `line`, `item` or `row` (for "line 12 (byte 3456)")."""
     bad: list[tuple[bytes, str]] = field(default_factory=list)
     """`(raw input, reason)` for records that could not be parsed: quarantined."""
     offset: int = 0
@@ -95,13 +97,13 @@ class JsonlReader:
                 text = text.removeprefix(codecs.BOM_UTF8)
             if not text:
                 continue
-            where = f"line {self.records} (byte {start})"
             try:
                 chunk.items.append(orjson.loads(text))
             except orjson.JSONDecodeError as exc:
+                where = f"line {self.records} (byte {start})"
                 chunk.bad.append((line.rstrip(b"\r\n"), f"{where} is not valid JSON: {exc.msg} at column {exc.colno}"))
             else:
-                chunk.origins.append((where, text))
+                chunk.origins.append((self.records, start, text))
         chunk.offset, chunk.records = self.offset, self.records
         return chunk
 
@@ -240,7 +242,8 @@ class JsonArrayReader:
         self.item_end = self.offset
         self._want = _READ
         chunk.items.append(value)
-        chunk.origins.append((f"item {self.records} (byte {start})", raw))
+        chunk.noun = "item"
+        chunk.origins.append((self.records, start, raw))
         self.state = "separator"
 
 
@@ -296,13 +299,13 @@ class CsvReader:
                 continue
             self.records += 1
             raw = b"".join(self._row_raw).rstrip(b"\r\n")
-            where = f"row {self.records} (byte {start})"
             try:
                 chunk.items.append(self.entry(row))
             except ValueError as exc:
-                chunk.bad.append((raw, f"{where}: {exc}"))
+                chunk.bad.append((raw, f"row {self.records} (byte {start}): {exc}"))
             else:
-                chunk.origins.append((where, raw))
+                chunk.noun = "row"
+                chunk.origins.append((self.records, start, raw))
         chunk.offset, chunk.records = self.offset, self.records
         return chunk
 

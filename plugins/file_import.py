@@ -23,19 +23,19 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import BinaryIO, Literal, overload
 
 import orjson
 import trio
 from pydantic import Field
 
 import relay
-from relay.entry import prepare
 from relay.importer import ImportProgress
 
-from .file_formats import Chunk, CsvReader, Format, JsonArrayReader, JsonlReader, detect, open_reader
+from .file_formats import Chunk, CsvReader, Format, detect, open_reader
 
 FINGERPRINT_BYTES = 64 * 1024
 REQUIRED_COLUMNS = ("action", "occurred_at", "actor.type", "actor.id")
@@ -88,20 +88,49 @@ def _fingerprint(f: BinaryIO) -> tuple[str, bytes, int]:
     return hashlib.sha256(head).hexdigest()[:32], head, size
 
 
-def _read(reader: JsonlReader | JsonArrayReader | CsvReader, limit: int) -> Chunk:
-    """The next chunk, with invalid entries moved to `bad` under their line or row (an index into a chunk
-    would mean nothing to whoever fixes the file). Runs in a worker thread, beside the previous commit."""
-    chunk = reader.read(limit)
-    valid: list[Any] = []
-    for item, (where, raw) in zip(chunk.items, chunk.origins, strict=True):
-        try:
-            prepare(item)
-        except relay.EntryError as exc:
-            chunk.bad.append((raw, f"{where}: {exc}"))
-        else:
-            valid.append(item)
-    chunk.items = valid
-    return chunk
+class _Labels(Sequence[str]):
+    """Where each item came from ("data.jsonl: line 12 (byte 4096)"), formatted only for the invalid ones."""
+
+    def __init__(self, name: str, chunk: Chunk) -> None:
+        self._name = name
+        self._noun = chunk.noun
+        self._origins = chunk.origins
+
+    def __len__(self) -> int:
+        return len(self._origins)
+
+    def _label(self, origin: tuple[int, int, bytes]) -> str:
+        return f"{self._name}: {self._noun} {origin[0]} (byte {origin[1]})"
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[str]: ...
+
+    def __getitem__(self, index: int | slice) -> str | Sequence[str]:
+        if isinstance(index, slice):
+            return [self._label(origin) for origin in self._origins[index]]
+        return self._label(self._origins[index])
+
+
+class _Raws(Sequence[bytes]):
+    def __init__(self, chunk: Chunk) -> None:
+        self._origins = chunk.origins
+
+    def __len__(self) -> int:
+        return len(self._origins)
+
+    @overload
+    def __getitem__(self, index: int) -> bytes: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[bytes]: ...
+
+    def __getitem__(self, index: int | slice) -> bytes | Sequence[bytes]:
+        if isinstance(index, slice):
+            return [origin[2] for origin in self._origins[index]]
+        return self._origins[index][2]
 
 
 class FileImportSource(relay.Source):
@@ -170,7 +199,7 @@ class FileImportSource(relay.Source):
             async def produce() -> None:
                 async with send:
                     while True:
-                        chunk = await trio.to_thread.run_sync(_read, reader, self.settings.chunk_entries)
+                        chunk = await trio.to_thread.run_sync(reader.read, self.settings.chunk_entries)
                         await send.send(chunk)
                         if chunk.done or chunk.error:
                             return
@@ -207,7 +236,10 @@ class FileImportSource(relay.Source):
                             nursery.start_soon(intake.quarantine, raw, f"{name}: {reason}")
                     self.progress.quarantined += len(pending)
                     pending = []
-                result = await intake.submit(chunk.items, cursor=mark.encode())
+                # Invalid entries are quarantined by submit() under their line or row (an index into a
+                # chunk would mean nothing to whoever fixes the file), with the record as it was in the file.
+                result = await intake.submit(chunk.items, cursor=mark.encode(),
+                                             labels=_Labels(name, chunk), raws=_Raws(chunk))
                 break
             except relay.JournalUnavailable as exc:
                 await self._wait(intake, exc)

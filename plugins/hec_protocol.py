@@ -168,22 +168,31 @@ class EnvelopeEncoder:
                                   ("index", index)) if v}
         self._meta = orjson.dumps(meta)[1:-1] + b"," if meta else b""
         self._paths = [(name, tuple(name.split("."))) for name in indexed_fields]
-        self._needs_parse = any(path != ("action",) for _, path in self._paths)
+        # `action` and `actor.type` come with every entry from the journal: no need to parse the entry.
+        self._needs_parse = any(path not in _KNOWN for _, path in self._paths)
 
-    def encode(self, data: bytes, occurred_at: float, action: str) -> bytes:
-        fields = self._fields(data, action) if self._paths else None
+    def encode(self, data: bytes, occurred_at: float, action: str, actor_type: str = "") -> bytes:
+        fields = self._fields(data, action, actor_type) if self._paths else None
         extra = b'"fields":' + orjson.dumps(fields) + b"," if fields else b""
         return b'{"time":' + epoch_micros(occurred_at) + b"," + self._meta + extra + b'"event":' + data + b"}"
 
-    def _fields(self, data: bytes, action: str) -> dict[str, str | list[str]]:
-        value = orjson.loads(data) if self._needs_parse else None
+    def _fields(self, data: bytes, action: str, actor_type: str) -> dict[str, str | list[str]]:
+        value = orjson.loads(data) if self._needs_parse or not actor_type else None
         out: dict[str, str | list[str]] = {}
         for name, path in self._paths:
-            found = action if path == ("action",) else _walk(value, path)
+            if path == ("action",):
+                found: Any = action
+            elif path == ("actor", "type") and actor_type:
+                found = actor_type
+            else:
+                found = _walk(value, path)
             flat = _flat(found)
             if flat is not None:
                 out[name] = flat
         return out
+
+
+_KNOWN = {("action",), ("actor", "type")}
 
 
 def epoch_micros(seconds: float) -> bytes:

@@ -203,7 +203,7 @@ class SplunkHecDestination(relay.Destination):
     async def send(self, batch: relay.Batch) -> relay.Result:
         if len(batch) == 1:
             self._isolate.discard(batch.last_seq)  # a one-entry batch needs no isolating (and ends it)
-        envelopes = [self._encoder.encode(e.data, e.occurred_at, e.action) for e in batch.entries]
+        envelopes = [self._encoder.encode(e.data, e.occurred_at, e.action, e.actor_type) for e in batch.entries]
         count = self._fit(envelopes, batch.last_seq)
         body = b"\n".join(envelopes[:count])
         reply = await self._post_events(body)

@@ -202,7 +202,7 @@ class DeliveryLoop:
                 if max_bytes is not None and entries and size + len(data) > max_bytes:
                     break
                 size += len(data)
-                entries.append(Entry(row.seq, data, row.occurred_at, row.action))
+                entries.append(Entry(row.seq, data, row.occurred_at, row.action, row.actor_type))
             used.append(row)
         return Batch(self.name, first, last, entries, attributes or {}), used
 

@@ -9,27 +9,32 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
 from relay.catalog import ACTOR_TYPES, ENTRY_FIELDS, known_versions
 from relay.errors import EntryError
 
-__all__ = ["NewEntry", "identity_key", "parse_occurred_at", "prepare"]
+__all__ = ["NewEntry", "identity_key", "parse_occurred_at", "prepare", "short_key"]
 
 _RFC3339 = re.compile(
     r"^(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$"
 )
 
 
-@dataclass(frozen=True, slots=True)
-class NewEntry:
+_FROM_ISO = datetime.fromisoformat
+_sha256 = hashlib.sha256
+
+
+class NewEntry(NamedTuple):
     """A validated entry, ready for the journal."""
 
-    key: bytes
+    key: int
+    """64 bits of `digest`, what the journal's unique index holds."""
+    digest: bytes
+    """SHA-256 identity: of the entry's `id`, or of its canonical JSON."""
     data: bytes
     occurred_at: float
     action: str
@@ -44,6 +49,11 @@ def parse_occurred_at(value: Any) -> float:
     """RFC 3339 timestamp -> Unix seconds; raises `ValueError` with what is wrong."""
     if not isinstance(value, str):
         raise ValueError(f"must be an RFC 3339 timestamp string, not {_json_type(value)}")
+    if len(value) == 27 and value[26] == "Z" and value[10] == "T" and value[19] == "." and value[4] == "-":
+        try:  # the shape every incident.io entry has: 2021-08-17T13:28:57.801578Z
+            return _FROM_ISO(value).timestamp()
+        except ValueError:
+            pass  # the strict path below says what is wrong
     match = _RFC3339.match(value)
     if not match:
         raise ValueError(f"{value[:40]!r} is not an RFC 3339 timestamp (e.g. 2024-05-14T09:30:00.123456Z)")
@@ -62,11 +72,17 @@ def _json_type(value: Any) -> str:
 
 
 def identity_key(value: dict[str, Any]) -> bytes:
-    """The entry's `id` when the source supplies one, else the SHA-256 of its canonical JSON."""
+    """The SHA-256 of the entry's `id` when the source supplies one, else of its canonical JSON."""
     entry_id = value.get("id")
     if isinstance(entry_id, str | int) and not isinstance(entry_id, bool) and entry_id != "":
-        return hashlib.sha256(b"id:" + str(entry_id).encode()).digest()
-    return hashlib.sha256(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)).digest()
+        return _sha256(b"id:" + str(entry_id).encode()).digest()
+    return _sha256(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)).digest()
+
+
+def short_key(digest: bytes) -> int:
+    """The journal's dedupe index holds 64 bits of the digest (a smaller, faster index); the whole digest
+    is kept beside it so a collision of the 64 bits is told apart from a true duplicate."""
+    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 def prepare(value: Any) -> NewEntry:
@@ -106,7 +122,7 @@ def prepare(value: Any) -> NewEntry:
         raise EntryError("context", f"must be an object, not {_json_type(context)}")
     try:
         data = orjson.dumps(value)
-        key = identity_key(value)
+        digest = identity_key(value)
     except (TypeError, orjson.JSONEncodeError) as exc:
         raise EntryError("", f"cannot be represented as JSON: {exc}") from None
 
@@ -120,5 +136,6 @@ def prepare(value: Any) -> NewEntry:
         unrecognized.append("actor_type")
     if not ENTRY_FIELDS.issuperset(value):
         unrecognized.append("field")
-    return NewEntry(key, data, occurred_at, action, actor["type"], ",".join(sorted(target_types)),
+    return NewEntry(short_key(digest), digest, data, occurred_at, action, actor["type"],
+                    ",".join(sorted(target_types)) if len(target_types) > 1 else "".join(target_types),
                     tuple(unrecognized))

@@ -48,20 +48,22 @@ class JournalIntake:
         """Refuse further submits (the relay is stopping or the source is being replaced)."""
         self._closed = True
 
-    async def submit(self, items: Sequence[Any], *, cursor: str | None = UNCHANGED) -> SubmitResult:
+    async def submit(self, items: Sequence[Any], *, cursor: str | None = UNCHANGED,
+                     labels: Sequence[str] | None = None, raws: Sequence[bytes] | None = None) -> SubmitResult:
         await trio.lowlevel.checkpoint()
         if self._closed:
             raise JournalUnavailable("the relay is stopping", retry_after=5.0)
         accepted: list[NewEntry] = []
         quarantined: list[tuple[str, bytes]] = []
         problems: list[tuple[int, str]] = []
+        append = accepted.append
         for index, item in enumerate(items):
             try:
-                accepted.append(prepare(item))
+                append(prepare(item))
             except EntryError as exc:
-                reason = f"entry {index}: {exc}"
+                reason = f"{labels[index] if labels is not None else f'entry {index}'}: {exc}"
                 problems.append((index, reason))
-                quarantined.append((reason, _raw(item)))
+                quarantined.append((reason, raws[index] if raws is not None else _raw(item)))
         try:
             inserted = await self._journal.append(self.source, accepted, quarantined, cursor,
                                                   keep_cursor=cursor is UNCHANGED)

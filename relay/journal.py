@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 import structlog
@@ -35,6 +35,9 @@ PRUNE_INTERVAL = 10.0
 REMOVED_KEEP = 7 * 86400.0
 """A removed destination's offset row is kept this long, in case it comes back, then forgotten."""
 PRUNE_CHUNK = 20_000
+CHECKPOINT_INTERVAL = 1.0
+CHECKPOINT_EVERY_GROUPS = 64
+"""The background checkpoint runs every second, or sooner after this many writes."""
 FULL_RESUME_RATIO = 0.95
 """Once full, sources resume when the journal is back under 95 % of `max_size` (no flapping)."""
 
@@ -48,8 +51,7 @@ class JournalStats:
     disk_full: bool
 
 
-@dataclass(frozen=True, slots=True)
-class Row:
+class Row(NamedTuple):
     seq: int
     route: str | None
     occurred_at: float
@@ -97,6 +99,8 @@ class Journal:
         self._appended = trio.Event()
         self._writable = trio.Event()
         self._prune_now = trio.Event()
+        self._checkpoint_now = trio.Event()
+        self._since_checkpoint = 0
         self._running = False
         self._full = False
         self._disk_full_until = 0.0
@@ -118,6 +122,7 @@ class Journal:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._prune_loop)
+                nursery.start_soon(self._checkpoint_loop)
                 task_status.started()
                 try:
                     await self._write_loop()
@@ -213,6 +218,9 @@ class Journal:
                         op.error = JournalUnavailable("the relay is stopping")
                         op.done.set()
             self._update_full()
+            self._since_checkpoint += len(ops)
+            if self._since_checkpoint >= CHECKPOINT_EVERY_GROUPS:
+                self._checkpoint_now.set()
             if any(op.appends and op.error is None for op in ops):
                 self._appended.set()
                 self._appended = trio.Event()
@@ -295,15 +303,17 @@ class Journal:
                 raise JournalUnavailable("the journal is full; destinations are catching up", retry_after=10.0)
             raise JournalUnavailable("the journal cannot take entries right now", retry_after=5.0)
         now = time.time()
-        rows = [(e.key, source, now, e.occurred_at, e.action, e.actor_type, e.target_types, e.data)
+        rows = [(e.key, e.digest, source, now, e.occurred_at, e.action, e.actor_type, e.target_types, e.data)
                 for e in entries]
 
         def append(db: sqlite3.Connection) -> int:
             before = db.total_changes
             db.executemany(
-                "INSERT OR IGNORE INTO entries (key, source, received_at, occurred_at, action, actor_type,"
-                " target_types, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                "INSERT OR IGNORE INTO entries (key, digest, source, received_at, occurred_at, action, actor_type,"
+                " target_types, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
             inserted = db.total_changes - before
+            if inserted < len(rows):
+                inserted += _keep_collisions(db, rows)
             if quarantined:
                 db.executemany("INSERT INTO quarantine (source, received_at, reason, data) VALUES (?, ?, ?, ?)",
                                [(source, now, reason, data) for reason, data in quarantined])
@@ -449,6 +459,31 @@ class Journal:
                     return  # the writer has stopped: so does pruning
                 # (disk full: try again at the next interval; pruning is what frees the space)
 
+    async def _checkpoint_loop(self) -> None:
+        """Copy the WAL into the database from a connection of its own, in a thread beside the writer.
+
+        SQLite's automatic checkpoint would run inside the writer's commits and stall every source while
+        it copies pages; a PASSIVE checkpoint here never blocks the writer (and releases the GIL while
+        it works)."""
+        checkpointer: sqlite3.Connection | None = None
+        limiter = trio.CapacityLimiter(1)
+        try:
+            while True:
+                with trio.move_on_after(CHECKPOINT_INTERVAL):
+                    await self._checkpoint_now.wait()
+                self._checkpoint_now = trio.Event()
+                self._since_checkpoint = 0
+                if checkpointer is None:
+                    checkpointer = await trio.to_thread.run_sync(connect, self.state_dir, limiter=limiter)
+                try:
+                    await trio.to_thread.run_sync(_checkpoint, checkpointer, limiter=limiter)
+                except sqlite3.Error as exc:  # e.g. the disk is full; the next round tries again
+                    log.warning("journal_checkpoint_failed", error=str(exc))
+        finally:
+            if checkpointer is not None:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(checkpointer.close, limiter=limiter)
+
     def request_prune(self) -> None:
         self._prune_now.set()
 
@@ -504,6 +539,25 @@ def _forget_removed(db: sqlite3.Connection) -> None:
         log.info("removed_destination_forgotten", destination=name)
 
 
+def _keep_collisions(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> int:
+    """Some rows were ignored as duplicates. A row whose 64-bit key is taken by an entry with a different
+    digest is not a duplicate: store it without a key (so it is not deduplicated) rather than lose it."""
+    kept = 0
+    for row in rows:
+        found = db.execute("SELECT digest FROM entries WHERE key = ?", (row[0],)).fetchone()
+        if found is not None and found[0] != row[1]:
+            db.execute("INSERT INTO entries (key, digest, source, received_at, occurred_at, action, actor_type,"
+                       " target_types, data) VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?)", row[1:])
+            kept += 1
+            log.warning("journal_key_collision", hint="two different entries share 64 bits of their digest; "
+                                                      "both are kept")
+    return kept
+
+
+def _checkpoint(db: sqlite3.Connection) -> None:
+    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+
+
 def _advance(db: sqlite3.Connection, destination: str) -> int | None:
     """Move the offset over the leading run of done batches; returns the new offset if it moved."""
     offset = None
@@ -530,7 +584,7 @@ class JournalReader:
     def _query(self, sql: str, args: tuple[Any, ...]) -> list[Row]:
         if self._db is None:
             self._db = connect(self._state_dir, readonly=True)
-        return [Row(*r) for r in self._db.execute(sql, args)]
+        return list(map(Row._make, self._db.execute(sql, args)))
 
     async def read_after(self, after_seq: int, limit: int) -> list[Row]:
         return await trio.to_thread.run_sync(

@@ -13,6 +13,8 @@ from pathlib import Path
 from relay.errors import JournalError
 
 JOURNAL_FILE = "journal.sqlite3"
+WRITER_AUTOCHECKPOINT_PAGES = 16384
+"""64 MiB of WAL: only reached if the background checkpointer falls behind."""
 
 
 def m001_initial(db: sqlite3.Connection) -> None:
@@ -20,7 +22,9 @@ def m001_initial(db: sqlite3.Connection) -> None:
         """
         CREATE TABLE entries (
             seq          INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused, even after pruning
-            key          BLOB UNIQUE,       -- identity for dedupe; NULL for re-deliveries
+            key          INTEGER UNIQUE,    -- first 64 bits of the identity digest; NULL for re-deliveries
+            digest       BLOB,              -- the whole SHA-256 identity digest, to tell a collision of
+                                            -- `key` from a true duplicate
             source       TEXT NOT NULL,
             route        TEXT,              -- NULL: every destination; else only this one (replays)
             received_at  REAL NOT NULL,
@@ -105,6 +109,8 @@ def connect(state_dir: Path, *, readonly: bool = False) -> sqlite3.Connection:
             db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
+            # The journal's own checkpointer runs beside the writer (journal.py); this is the safety net.
+            db.execute(f"PRAGMA wal_autocheckpoint={WRITER_AUTOCHECKPOINT_PAGES}")
         db.execute("PRAGMA foreign_keys=OFF")
         db.execute("PRAGMA cache_size=-16000")  # 16 MiB per connection
         if not readonly:

@@ -55,8 +55,13 @@ class Intake(Protocol):
         """False while the journal is full or the relay is stopping."""
         ...
 
-    async def submit(self, items: Sequence[Any], *, cursor: str | None = UNCHANGED) -> SubmitResult:
-        """Validate and journal `items` (parsed JSON values), with `cursor`, in one transaction."""
+    async def submit(self, items: Sequence[Any], *, cursor: str | None = UNCHANGED,
+                     labels: Sequence[str] | None = None, raws: Sequence[bytes] | None = None) -> SubmitResult:
+        """Validate and journal `items` (parsed JSON values), with `cursor`, in one transaction.
+
+        An invalid item is quarantined with a reason that starts with its label (`labels[i]`, e.g. "line 12
+        (byte 4096)"; default "entry i") and, when given, its raw input (`raws[i]`) instead of its JSON.
+        """
         ...
 
     async def quarantine(self, raw: bytes, reason: str) -> None:

@@ -92,10 +92,10 @@ class FullableIntake:
     def writable(self) -> bool:
         return not self.full
 
-    async def submit(self, items: Any, *, cursor: Any = relay.UNCHANGED) -> relay.SubmitResult:
+    async def submit(self, items: Any, *, cursor: Any = relay.UNCHANGED, **where: Any) -> relay.SubmitResult:
         if self.full:
             raise relay.JournalUnavailable("the journal is full", retry_after=10)
-        return await self.inner.submit(items, cursor=cursor)
+        return await self.inner.submit(items, cursor=cursor, **where)
 
     async def quarantine(self, raw: bytes, reason: str) -> None:
         await self.inner.quarantine(raw, reason)

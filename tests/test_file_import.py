@@ -77,8 +77,8 @@ async def run_import(journal: Journal, path: Path, name: str = "backfill", *, st
     results: list[relay.SubmitResult] = []
     submit = intake.submit
     with trio.CancelScope() as scope:
-        async def counting(items: Any, *, cursor: Any) -> relay.SubmitResult:
-            results.append(await submit(items, cursor=cursor))
+        async def counting(items: Any, *, cursor: Any, **where: Any) -> relay.SubmitResult:
+            results.append(await submit(items, cursor=cursor, **where))
             if stop_after is not None and len(results) >= stop_after:
                 scope.cancel()
             return results[-1]

@@ -168,3 +168,17 @@ async def test_a_full_journal_at_start_prunes_nothing_undelivered(tmp_path: Path
         assert await journal.write(journal._prune_chunk) == 0
     with journal_db(tmp_path) as db:
         assert db.execute("SELECT count(*) FROM entries").fetchone()[0] == 50
+
+
+async def test_a_64_bit_key_collision_keeps_both_entries(tmp_path: Path) -> None:
+    """The dedupe index holds 64 bits of the digest; two different entries sharing them are both kept."""
+    from relay.entry import prepare
+
+    first, second = prepare(entry()), prepare(entry("user.created"))
+    clash = second._replace(key=first.key)
+    async with open_journal(tmp_path) as journal:
+        assert await journal.append("push", [first], (), None, keep_cursor=True) == 1
+        assert await journal.append("push", [clash, first], (), None, keep_cursor=True) == 1
+    with journal_db(tmp_path) as db:
+        rows = db.execute("SELECT key, action FROM entries ORDER BY seq").fetchall()
+    assert rows == [(first.key, "api_key.created"), (None, "user.created")]
