@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -154,3 +155,35 @@ async def test_full_journal_pauses_sources_until_delivery_frees_space(tmp_path: 
     assert sorted(e.seq for e in script.delivered) == list(range(1, 6001))
     with journal_db(tmp_path / "state") as db:
         assert db.execute("SELECT cursor FROM sources WHERE name = 'demo'").fetchone()[0] == "6000"
+
+
+async def test_a_full_disk_refuses_intake_and_holds_bookkeeping_until_space_returns(
+        tmp_path: Path, script: scripted.Script, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLITE_FULL while a batch is in flight: its outcome waits to be recorded (the relay stays up), intake
+    is refused with the reason, and everything goes on once space returns. Here SQLite's error is injected
+    at the group commit; tests/reliability/test_disk_full.py fills a real filesystem."""
+    script.gate = trio.Event()
+    config = make_config(config_dict(tmp_path, {"in": {"type": "manual"}},
+                                     {"out": {"type": "scripted", "script": "main"}}), extra=[scripted])
+    async with running_relay(config) as service:
+        journal, intake, loop = service.journal, service.sources["in"].intake, service.destinations["out"].loop
+        await intake.submit([entry(id=f"evt_{i}") for i in range(5)])
+        await script.wait(lambda s: s.attempts == 1)
+        run_group = journal._run_group
+        disk_full = sqlite3.OperationalError("database or disk is full")
+        monkeypatch.setattr(journal, "_run_group", lambda ops: journal._fail_all(ops, disk_full))
+        with pytest.raises(relay.JournalUnavailable, match="disk is full"):
+            await intake.submit([entry(id="evt_refused")])
+        assert not intake.writable
+        script.gate.set()
+        await script.wait(lambda s: len(s.delivered) == 5)
+        with trio.move_on_after(1.5):  # the outcome is retried while the disk stays full
+            await loop.wait_offset(5)
+        assert loop.offset == 0 and journal.running, "waiting for space, not crashed"
+        monkeypatch.setattr(journal, "_run_group", run_group)
+        with trio.fail_after(10):
+            await loop.wait_offset(5)
+            await journal.wait_writable()
+        assert (await intake.submit([entry(id="evt_after")])).accepted == 1
+        with trio.fail_after(10):
+            await loop.wait_offset(6)
