@@ -136,11 +136,15 @@ def load_config(path: str | os.PathLike[str], registry: Registry,
     """Read, substitute and validate a configuration file; raise `ConfigError` listing every problem."""
     file = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        raw = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError([ConfigIssue("", f"cannot read the configuration: {exc.strerror}", file)]) from None
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError([ConfigIssue("", f"the configuration is not UTF-8 text ({exc.reason})", file)]) from None
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError([ConfigIssue("", f"the configuration is not UTF-8 text ({exc.reason}, byte "
+                                           f"{raw[exc.start]:#04x})", file, line)]) from None
     return parse_config(text, file, registry, os.environ if env is None else env)
 
 
@@ -149,6 +153,8 @@ def parse_config(text: str, file: str, registry: Registry, env: Mapping[str, str
     if not isinstance(loaded.data, dict):
         raise ConfigError([loaded.issue((), "the configuration must be a mapping of keys to values")])
     issues = substitute(loaded, env, Path(file).resolve().parent)
+    # A value whose `${...}` failed is reported once, not again as empty or invalid by validation.
+    substituted, unresolved = len(issues), {issue.path for issue in issues}
     data: dict[str, Any] = loaded.data
 
     top = _validate(TopLevel, {k: v for k, v in data.items() if k not in ("sources", "destinations")},
@@ -164,7 +170,8 @@ def parse_config(text: str, file: str, registry: Registry, env: Mapping[str, str
     if not issues and not sources and not destinations:
         issues.append(loaded.issue((), "no sources and no destinations are configured"))
     if issues or top is None:
-        raise ConfigError(sorted(issues, key=lambda i: (i.line or 0, i.path)))
+        kept = [i for n, i in enumerate(issues) if n < substituted or i.path not in unresolved]
+        raise ConfigError(sorted(kept, key=lambda i: (i.line or 0, i.path)))
 
     state_dir = top.state_dir
     if state_dir is None:
