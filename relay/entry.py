@@ -8,6 +8,7 @@ An invalid entry raises `EntryError` naming the field: the caller quarantines it
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -69,6 +70,21 @@ def identity_key(value: dict[str, Any]) -> bytes:
     return hashlib.sha256(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)).digest()
 
 
+def _non_finite(value: Any, path: str = "") -> str | None:
+    """The dotted path of the first NaN or infinite number in `value`, if there is one."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path or "(the entry)"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if (found := _non_finite(item, f"{path}.{key}" if path else str(key))) is not None:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            if (found := _non_finite(item, f"{path}[{index}]")) is not None:
+                return found
+    return None
+
+
 def prepare(value: Any) -> NewEntry:
     """Validate one entry (a parsed JSON value); raise `EntryError` naming the field that is wrong."""
     if not isinstance(value, dict):
@@ -109,6 +125,8 @@ def prepare(value: Any) -> NewEntry:
         key = identity_key(value)
     except (TypeError, orjson.JSONEncodeError) as exc:
         raise EntryError("", f"cannot be represented as JSON: {exc}") from None
+    if b"null" in data and (where := _non_finite(value)) is not None:  # orjson writes NaN as null: say so
+        raise EntryError(where, "NaN and Infinity cannot be represented as JSON")
 
     unrecognized: list[str] = []
     versions = known_versions().get(action)

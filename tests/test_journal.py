@@ -84,6 +84,29 @@ async def test_invalid_entries_are_quarantined_with_the_field_and_the_rest_accep
     assert rows[5][2] == b'"not an object"', "the input itself is kept"
 
 
+async def test_values_json_cannot_hold_are_quarantined_not_altered_or_raised(tmp_path: Path) -> None:
+    """A source plugin hands over Python values: NaN would be written as null, and a value nested 10,000
+    deep made quarantining it raise RecursionError out of submit()."""
+    deep: dict[str, object] = {}
+    level = deep
+    for _ in range(10_000):
+        level["x"] = level = {}
+    items = [entry(context={"score": float("nan")}), entry(context={"tree": deep}), deep, entry(context={1: b"\xff"})]
+    async with open_journal(tmp_path) as journal:
+        result = await JournalIntake("plugin", journal, None).submit(items)
+    assert (result.accepted, result.quarantined) == (0, 4)
+    reasons = dict(result.problems)
+    assert reasons[0] == "entry 0: context.score: NaN and Infinity cannot be represented as JSON"
+    assert reasons[1] == "entry 1: cannot be represented as JSON: Recursion limit reached"
+    assert reasons[2] == "entry 2: action: missing"
+    assert reasons[3] == "entry 3: cannot be represented as JSON: Dict key must be str"
+    with journal_db(tmp_path) as db:
+        kept = [r[0] for r in db.execute("SELECT data FROM quarantine ORDER BY id")]
+    assert kept[0].startswith(b'{"action":"api_key.created"') and b'"score":null' in kept[0]
+    assert kept[1].startswith(b"{'action': 'api_key.created'") and len(kept[1]) < 100_000
+    assert b'"1":"b' in kept[3], "keys and bytes JSON cannot hold are kept as text"
+
+
 async def test_unknown_actions_and_fields_pass_through_unchanged(tmp_path: Path) -> None:
     future = entry("quantum_router.teleported", version=7, actor={"type": "robot", "id": "r1"}, hologram={"x": 1})
     async with open_journal(tmp_path) as journal:
