@@ -84,6 +84,8 @@ class _Op:
     result: Any = None
     error: BaseException | None = None
     disk_full: bool = False
+    retried: bool = False
+    """A write tried again after the disk was full: its commit shows that space has returned."""
 
 
 _ROW_COLUMNS = "seq, route, occurred_at, action, actor_type, target_types, data"
@@ -186,10 +188,11 @@ class Journal:
 
         If the disk is full, try again every `DISK_FULL_PAUSE` until it commits (cancellable between
         tries), unless `wait_for_space` is off: then raise `JournalUnavailable` at once."""
+        retried = False
         while True:
             if not self._running:
                 raise JournalUnavailable("the relay is stopping")
-            op = _Op(fn, appends)
+            op = _Op(fn, appends, retried=retried)
             self._queue.append(op)
             self._wakeup.set()
             with trio.CancelScope(shield=True):  # the write is going out either way; report its outcome
@@ -198,6 +201,7 @@ class Journal:
                 return op.result  # type: ignore[no-any-return]
             if not (op.disk_full and wait_for_space):
                 raise op.error
+            retried = True
             await trio.sleep(max(0.0, self._disk_full_until - time.monotonic()))
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -262,14 +266,15 @@ class Journal:
             op.error = exc
 
     def _report_disk(self, ops: Sequence[_Op]) -> None:
-        """One warning when the disk fills up, one line when a write succeeds on it again."""
+        """One warning when the disk fills up, one line when an append or a write that waited for space
+        commits (a write that needs no new space, such as an empty prune, proves nothing)."""
         if any(op.disk_full for op in ops):
             if self._disk_full_since is None:
                 self._disk_full_since = time.time()
                 log.warning("journal_disk_full", state_dir=str(self.state_dir),
                             hint="sources are refused (push answers 503) and deliveries wait to be recorded "
                                  "until space is freed on this filesystem; nothing is dropped")
-        elif self._disk_full_since is not None and any(op.error is None for op in ops):
+        elif self._disk_full_since is not None and any(op.error is None and (op.appends or op.retried) for op in ops):
             log.info("journal_disk_space_returned", full_for_seconds=round(time.time() - self._disk_full_since, 3))
             self._disk_full_since = None
 
