@@ -1,8 +1,10 @@
 """A client that pushes entries to the relay's receiver the way a careful sender does: every entry until
-it is acknowledged with a 200, retrying whatever got anything else (503, a reset, no answer at all)."""
+it is acknowledged with a 200, retrying whatever got anything else (503, a reset, no answer at all).
+One `Pusher` may be used from several threads at once (httpx's client is thread-safe)."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,8 +33,17 @@ class Pusher:
     answers: Counter[str] = field(default_factory=Counter)
     """How each request ended: the status code, or the kind of transport error."""
 
+    stop: threading.Event = field(default_factory=threading.Event)
+    """Set to make `push_until_acked` give up (the test is ending)."""
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
     def __post_init__(self) -> None:
         self.client = httpx.Client(timeout=self.timeout, headers={"authorization": f"Bearer {self.token}"})
+
+    def acked_ids(self) -> set[str]:
+        """A copy of the acknowledged ids, safe to take while another thread pushes."""
+        with self._lock:
+            return set(self.acked)
 
     def close(self) -> None:
         self.client.close()
@@ -42,13 +53,16 @@ class Pusher:
         try:
             response = self.client.post(self.url, json=batch)
         except httpx.TransportError as exc:
-            self.answers[type(exc).__name__] += 1
+            with self._lock:
+                self.answers[type(exc).__name__] += 1
             return None
-        self.answers[str(response.status_code)] += 1
+        with self._lock:
+            self.answers[str(response.status_code)] += 1
         if response.status_code == 200:
             body = response.json()
             assert body["accepted"] + body["duplicates"] == len(batch), body
-            self.acked.update(e["id"] for e in batch)
+            with self._lock:
+                self.acked.update(e["id"] for e in batch)
         return response.status_code
 
     def push_until_acked(self, batch: list[dict[str, Any]], deadline: float = 120.0, pause: float = 0.05) -> int:
@@ -59,6 +73,8 @@ class Pusher:
             attempts += 1
             if self.push(batch) == 200:
                 return attempts
+            if self.stop.is_set():
+                raise AssertionError("stopped before the batch was acknowledged")
             if time.monotonic() > give_up:
                 raise AssertionError(f"no 200 within {deadline}s; answers so far: {dict(self.answers)}")
             time.sleep(pause)
