@@ -39,6 +39,10 @@ def hypercorn_config(bind: str, *, cert_file: str | None = None, key_file: str |
     config.keep_alive_timeout = keep_alive
     config.h11_max_incomplete_size = max_header_bytes
     config.graceful_timeout = 5
+    # Connections the kernel completes before the event loop accepts them (capped by net.core.somaxconn).
+    # Hypercorn's 100 overflows in a burst of connections, and each SYN dropped then costs its client a
+    # retransmission one second or more later.
+    config.backlog = 4096
     config.alpn_protocols = ["http/1.1"]
     if cert_file and key_file:
         config.certfile = cert_file
