@@ -23,6 +23,7 @@ run: $(BIN)/relay
 	@echo "audit-relay: demo source -> file destination ($(CONFIG))"
 	@echo "  entries go to   ./state/demo/output.jsonl   (try: tail -f state/demo/output.jsonl)"
 	@echo "  metrics are at  http://127.0.0.1:9464/metrics"
+	@echo "  push entries to http://127.0.0.1:8088/v1/entries  (token: state/demo/push.token; see README)"
 	@echo "  stop with Ctrl-C"
 	$(BIN)/relay run --config $(CONFIG)
 

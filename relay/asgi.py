@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -35,7 +36,7 @@ def hypercorn_config(bind: str, *, cert_file: str | None = None, key_file: str |
     config.bind = [bind]
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
-    config.read_timeout = int(read_timeout)
+    config.read_timeout = max(1, math.ceil(read_timeout))  # whole seconds; 0 would mean "no timeout"
     config.keep_alive_timeout = keep_alive
     config.h11_max_incomplete_size = max_header_bytes
     config.graceful_timeout = 5

@@ -1,4 +1,4 @@
-"""The `relay` command: run, reload, check, status, replay, cursor, plugins, dlq, quarantine.
+"""The `relay` command: run, reload, check, status, replay, cursor, plugins, dlq, import, quarantine.
 
 Every command takes `--config FILE` (default `$RELAY_CONFIG`, else `./relay.yaml`). Exit codes: 0 done,
 1 a runtime failure, 2 invalid configuration or usage.
@@ -93,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="only this dead letter (repeatable); default all")
     dlq.add_argument("--limit", type=int, default=100, help="list at most this many (default 100)")
     dlq.add_argument("--json", action="store_true")
+    imports = add("import", "Import an export file (JSON lines, a JSON array or CSV) once; resumable.")
+    imports.add_argument("--source", "-s", required=True, metavar="NAME",
+                         help="the source the entries and the resume position are recorded under: a `file` "
+                              "source of the configuration (its settings apply), or a new name")
+    imports.add_argument("--format", choices=["auto", "jsonl", "json", "csv"], default=None,
+                         help="file format (default: the source's setting, else auto-detect)")
+    imports.add_argument("file", metavar="FILE", help="the file to import")
     quarantine = add("quarantine", "Inspect input kept because it was invalid.")
     quarantine.add_argument("action", choices=["list", "show"])
     quarantine.add_argument("--source", "-s")
@@ -259,6 +266,16 @@ def cmd_dlq(args: argparse.Namespace) -> int:
         count = admin.dlq_purge(state_dir, args.destination, args.ids)
         print(f"{count} dead letter(s) of {args.destination} deleted")
     return EXIT_OK
+
+
+@command("import")
+def cmd_import(args: argparse.Namespace) -> int:
+    from relay.importer import import_file
+
+    config, registry = load(args)
+    # Progress is drawn on the terminal; only warnings and errors are logged beside it.
+    configure_logging("warning" if config.log.level in ("debug", "info") else config.log.level, config.log.format)
+    return import_file(config, registry, args.source, Path(args.file), args.format)
 
 
 @command("quarantine")

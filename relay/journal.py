@@ -133,13 +133,22 @@ class Journal:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._prune_loop)
                 task_status.started()
-                await self._write_loop()
+                try:
+                    await self._write_loop()
+                finally:
+                    # Before waiting for the pruner: a write it queued as the writer was cancelled would
+                    # otherwise wait (shielded) for a writer that is gone, and the nursery for the pruner.
+                    self._stop_writes()
         finally:
-            self._running = False
-            for op in self._queue:
-                op.error = JournalUnavailable("the relay is stopping")
-                op.done.set()
-            self._queue.clear()
+            self._stop_writes()
+
+    def _stop_writes(self) -> None:
+        """Refuse new writes and fail the queued ones as unavailable."""
+        self._running = False
+        for op in self._queue:
+            op.error = JournalUnavailable("the relay is stopping")
+            op.done.set()
+        self._queue.clear()
 
     async def close(self) -> None:
         if self._db is not None:
@@ -468,7 +477,9 @@ class Journal:
                 while await self.write(self._prune_chunk, wait_for_space=False):
                     await trio.lowlevel.checkpoint()  # let other writes in between chunks
             except JournalUnavailable:
-                continue  # the disk is full: the next round tries again
+                if not self._running:
+                    return  # the writer has stopped: so does pruning
+                # (disk full: try again at the next interval; pruning is what frees the space)
 
     def request_prune(self) -> None:
         self._prune_now.set()

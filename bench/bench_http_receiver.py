@@ -1,0 +1,138 @@
+"""Push receiver: entries/s accepted and request latency, 100-entry requests from concurrent clients.
+
+The relay runs as its own process (source `http`, bearer auth, no destination: this measures intake,
+which includes the journal commit each 200 waits for); the client is httpx on trio in this process.
+
+    .venv/bin/python bench/bench_http_receiver.py [--requests 2000] [--concurrency 1,16] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import orjson
+import trio
+import yaml
+
+from common import ROOT, Report, cpu_seconds, peak_rss_bytes
+from relay_plugins.demo import DemoSource
+
+TOKEN = "bench-token-0123456789abcdef"
+PER_REQUEST = 100
+
+
+def bodies(requests: int, *, compress: bool) -> list[bytes]:
+    source = DemoSource.__new__(DemoSource)
+    trio.run(source.open)
+    rng = random.Random(20240514)
+    out = []
+    for _ in range(requests):
+        body = orjson.dumps([source.make_entry(rng) for _ in range(PER_REQUEST)])
+        out.append(gzip.compress(body, compresslevel=1) if compress else body)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def push(url: str, payloads: list[bytes], concurrency: int, compress: bool) -> tuple[float, list[float], int]:
+    latencies: list[float] = []
+    accepted = 0
+    queue = list(reversed(payloads))
+    headers = {"authorization": f"Bearer {TOKEN}", "content-type": "application/json"}
+    if compress:
+        headers["content-encoding"] = "gzip"
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async with httpx.AsyncClient(headers=headers, limits=limits, timeout=60) as client:
+        async def worker() -> None:
+            nonlocal accepted
+            while queue:
+                body = queue.pop()
+                started = time.perf_counter()
+                response = await client.post(url, content=body)
+                latencies.append(time.perf_counter() - started)
+                if response.status_code != 200:
+                    raise SystemExit(f"receiver answered {response.status_code}: {response.text}")
+                accepted += response.json()["accepted"]
+
+        started = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for _ in range(concurrency):
+                nursery.start_soon(worker)
+        elapsed = time.perf_counter() - started
+    return elapsed, latencies, accepted
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+def run(report: Report, requests: int, concurrency: int, compress: bool) -> None:
+    payloads = bodies(requests, compress=compress)
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        config = Path(tmp) / "relay.yaml"
+        config.write_text(yaml.safe_dump({
+            "state_dir": str(Path(tmp) / "state"), "log": {"format": "json", "level": "warning"},
+            "metrics": {"listen": None},
+            "sources": {"push": {"type": "http", "listen": f"127.0.0.1:{port}", "auth": {"bearer_tokens": [TOKEN]}}},
+        }))
+        proc = subprocess.Popen([sys.executable, "-m", "relay", "run", "--config", str(config)], cwd=ROOT)
+        try:
+            url = f"http://127.0.0.1:{port}/v1/entries"
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise SystemExit("the relay did not start")
+                time.sleep(0.1)
+            cpu_before = cpu_seconds(proc.pid)
+            elapsed, latencies, accepted = trio.run(push, url, payloads, concurrency, compress)
+            cpu = cpu_seconds(proc.pid) - cpu_before
+            rss = peak_rss_bytes(proc.pid)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    label = f"{concurrency} client{'s' * (concurrency > 1)}{', gzip' if compress else ''}"
+    report.add(f"accepted, {label}", accepted / elapsed, "entries/s")
+    report.add(f"  request latency p50, {label}", percentile(latencies, 0.50) * 1000, "ms")
+    report.add(f"  request latency p99, {label}", percentile(latencies, 0.99) * 1000, "ms")
+    report.add(f"  relay CPU per entry, {label}", cpu / accepted * 1e6, "us")
+    report.add(f"  relay peak RSS, {label}", rss / 1048576, "MiB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=2000, help="requests per run (100 entries each)")
+    parser.add_argument("--concurrency", default="1,16", help="comma-separated client counts")
+    parser.add_argument("--gzip", action="store_true", help="also a run with gzip bodies")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    report = Report("http_receiver")
+    for concurrency in (int(c) for c in args.concurrency.split(",")):
+        run(report, args.requests, concurrency, compress=False)
+    if args.gzip:
+        run(report, args.requests, max(int(c) for c in args.concurrency.split(",")), compress=True)
+    report.print()
+
+
+if __name__ == "__main__":
+    main()

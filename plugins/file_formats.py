@@ -1,0 +1,356 @@
+"""Reading export files a chunk at a time, with the byte offset to resume from after each chunk.
+
+Three formats: JSON lines, one JSON array (streamed, never loaded whole: files can be GBs), and CSV whose
+header row names entry fields by dotted path. Every reader resumes from a byte offset it handed out
+earlier, and reports input it cannot read with the record number and byte offset, so nothing is skipped
+silently. Blocking file I/O: the `file` source calls these in a worker thread. No metrics or logs.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Literal
+
+import orjson
+
+from relay.catalog import ENTRY_FIELDS
+
+__all__ = ["MAX_RECORD", "Chunk", "CsvReader", "Format", "JsonArrayReader", "JsonlReader", "detect", "open_reader"]
+
+Format = Literal["jsonl", "json", "csv"]
+MAX_RECORD = 16 * 1024 * 1024
+"""A line, array item or CSV row larger than this is not an audit entry: it is quarantined (its first
+64 KiB) and skipped, rather than read into memory."""
+_KEEP = 64 * 1024
+_AFTER_SCALAR = frozenset(" \t\r\n,]}")
+_READ = 1024 * 1024
+_JSON_COLUMNS = frozenset({"actor", "targets", "context", "metadata"})
+"""CSV columns (and any `*.metadata`) whose cells hold JSON text."""
+
+csv.field_size_limit(max(csv.field_size_limit(), MAX_RECORD))
+
+
+@dataclass
+class Chunk:
+    items: list[Any] = field(default_factory=list)
+    """Parsed values, each still to pass entry validation."""
+    origins: list[tuple[str, bytes]] = field(default_factory=list)
+    """For each item: where it was (`line 12 (byte 3456)`) and its raw bytes, for a quarantine record."""
+    bad: list[tuple[bytes, str]] = field(default_factory=list)
+    """`(raw input, reason)` for records that could not be parsed: quarantined."""
+    offset: int = 0
+    """Byte offset to resume from: everything before it is in `items` or `bad` (or was in earlier chunks)."""
+    records: int = 0
+    """Records (lines, items, rows) consumed from the start of the file."""
+    done: bool = False
+    error: str | None = None
+    """The rest of the file cannot be read (a JSON array broken beyond repair); `offset` is where it stops."""
+
+
+def detect(head: bytes, name: str) -> Format:
+    """The format of a file from its name, else from its first non-blank character."""
+    lower = name.lower()
+    if lower.endswith((".jsonl", ".ndjson", ".jsonlines")):
+        return "jsonl"
+    if lower.endswith(".csv"):
+        return "csv"
+    text = head.removeprefix(codecs.BOM_UTF8).lstrip()
+    if text.startswith(b"["):
+        return "json"
+    if text.startswith(b"{") or not text:
+        return "jsonl"
+    return "csv"
+
+
+class JsonlReader:
+    """One JSON value per line; a line that is not JSON is quarantined and reading goes on."""
+
+    def __init__(self, f: BinaryIO, offset: int, records: int) -> None:
+        self.f = f
+        self.offset = offset
+        self.records = records
+        f.seek(offset)
+
+    def read(self, limit: int) -> Chunk:
+        chunk = Chunk()
+        while len(chunk.items) + len(chunk.bad) < limit:
+            start = self.offset
+            line = self.f.readline(MAX_RECORD + 1)
+            if not line:
+                chunk.done = True
+                break
+            self.offset += len(line)
+            self.records += 1  # a record is a line, blank or not, so line numbers match an editor's
+            if len(line) > MAX_RECORD and not line.endswith(b"\n"):
+                self.offset += _skip_line(self.f)
+                chunk.bad.append((line[:_KEEP], f"line {self.records} (byte {start}) is longer than "
+                                                f"{MAX_RECORD} bytes; its first {_KEEP} bytes are kept"))
+                continue
+            text = line.strip()
+            if start == 0:
+                text = text.removeprefix(codecs.BOM_UTF8)
+            if not text:
+                continue
+            where = f"line {self.records} (byte {start})"
+            try:
+                chunk.items.append(orjson.loads(text))
+            except orjson.JSONDecodeError as exc:
+                chunk.bad.append((line.rstrip(b"\r\n"), f"{where} is not valid JSON: {exc.msg} at column {exc.colno}"))
+            else:
+                chunk.origins.append((where, text))
+        chunk.offset, chunk.records = self.offset, self.records
+        return chunk
+
+
+def _skip_line(f: BinaryIO) -> int:
+    skipped = 0
+    while True:
+        part = f.readline(_READ)
+        skipped += len(part)
+        if not part or part.endswith(b"\n"):
+            return skipped
+
+
+class _NotJson:
+    """What NaN/Infinity parse to: not JSON, so the entry fails validation and is quarantined, not altered."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+class JsonArrayReader:
+    """The items of one top-level JSON array, parsed one at a time from a sliding text window.
+
+    `json.JSONDecoder.raw_decode` (the C scanner) parses an item and says where it ended; an item cut off
+    by the window's end is parsed again once more text is read, so memory stays around one item.
+    """
+
+    def __init__(self, f: BinaryIO, offset: int, records: int) -> None:
+        self.f = f
+        self.offset = offset
+        """Byte offset of `self.buf[self.pos]`."""
+        if records == 0:
+            offset = 0  # nothing was read yet: start over, which also re-checks the opening [
+        self.records = records
+        self.state = "open" if offset == 0 else "separator"
+        self.item_end = offset
+        """Byte offset just after the last item read: where a resumed reader expects `,` or `]`."""
+        self.buf = ""
+        self.pos = 0
+        self.eof = False
+        self._want = _READ
+        self._decoder = json.JSONDecoder(parse_constant=_NotJson)
+        self._utf8 = codecs.getincrementaldecoder("utf-8")()
+        f.seek(offset)
+
+    def _fill(self) -> None:
+        data = self.f.read(self._want)
+        self.buf = self.buf[self.pos:]
+        self.pos = 0
+        try:
+            self.buf += self._utf8.decode(data, final=not data)
+        except UnicodeDecodeError as exc:
+            raise _Broken(f"not UTF-8 text near byte {self.offset + len(self.buf.encode()) + exc.start}") from None
+        self.eof = not data
+
+    def _consume(self, end: int) -> None:
+        self.offset += len(self.buf[self.pos:end].encode("utf-8"))
+        self.pos = end
+
+    def _next_char(self) -> str | None:
+        """The next non-blank character (not consumed), reading more as needed; None at the end of the file."""
+        while True:
+            while self.pos < len(self.buf) and self.buf[self.pos] in " \t\r\n\ufeff":
+                self._consume(self.pos + 1)
+            if self.pos < len(self.buf):
+                return self.buf[self.pos]
+            if self.eof:
+                return None
+            self._fill()
+
+    def read(self, limit: int) -> Chunk:
+        chunk = Chunk()
+        try:
+            while len(chunk.items) + len(chunk.bad) < limit and not chunk.done:
+                self._step(chunk)
+        except _Broken as exc:
+            chunk.error = f"{exc} (after {self.records} items)"
+            chunk.offset, chunk.records = self.item_end, self.records
+            return chunk
+        chunk.offset, chunk.records = self.offset, self.records
+        return chunk
+
+    def _step(self, chunk: Chunk) -> None:
+        char = self._next_char()
+        if self.state == "end":
+            if char is not None:
+                raise _Broken(f"unexpected {char!r} after the array's closing ] at byte {self.offset}")
+            chunk.done = True
+        elif char is None:
+            where = "no JSON array" if self.state == "open" else "the array is not closed with ]"
+            raise _Broken(f"the file ends at byte {self.offset} but {where}")
+        elif self.state == "open":
+            if char != "[":
+                raise _Broken(f"expected a JSON array ([) at byte {self.offset}, found {char!r}")
+            self._consume(self.pos + 1)
+            self.state = "first"
+        elif self.state == "separator" or (self.state == "first" and char == "]"):
+            if char == "]":
+                self._consume(self.pos + 1)
+                self.state = "end"
+            elif char == ",":
+                self._consume(self.pos + 1)
+                self.state = "item"
+            else:
+                raise _Broken(f"expected , or ] at byte {self.offset}, found {char!r}")
+        else:
+            self._item(chunk)
+
+    def _item(self, chunk: Chunk) -> None:
+        while True:
+            try:
+                value, end = self._decoder.raw_decode(self.buf, self.pos)
+            except json.JSONDecodeError as exc:
+                if self.eof:
+                    raise _Broken(f"item {self.records + 1} (byte {self.offset}) is not valid JSON: {exc.msg}"
+                                  ) from None
+                if len(self.buf) - self.pos > MAX_RECORD:
+                    raise _Broken(f"item {self.records + 1} (byte {self.offset}) is larger than {MAX_RECORD} bytes"
+                                  ) from None
+                self._want = min(self._want * 2, MAX_RECORD)  # an item longer than the window: read more
+                self._fill()
+                continue
+            if not self.eof and (end == len(self.buf) or (not isinstance(value, dict | list | str)
+                                                          and self.buf[end] not in _AFTER_SCALAR)):
+                self._fill()  # a number or literal cut off by the window (`-1` of `-1.5e10`): read on
+                continue
+            break
+        self.records += 1
+        start = self.offset
+        raw = self.buf[self.pos:end].encode("utf-8")
+        self.offset += len(raw)
+        self.pos = end
+        self.item_end = self.offset
+        self._want = _READ
+        chunk.items.append(value)
+        chunk.origins.append((f"item {self.records} (byte {start})", raw))
+        self.state = "separator"
+
+
+class _Broken(Exception):
+    """The rest of a JSON array file cannot be read."""
+
+
+class CsvReader:
+    """Rows of a CSV file whose header names entry fields by dotted path (`actor.id`, `context.location`).
+
+    `targets`, `metadata`, `actor`, `context` and `*.metadata` cells hold JSON text; `version` becomes a
+    number; empty cells are left out; columns that are not entry fields are kept under `extra`.
+    """
+
+    def __init__(self, f: BinaryIO, offset: int, records: int, delimiter: str = ",") -> None:
+        self.f = f
+        self.records = records
+        self._row_raw: list[bytes] = []
+        f.seek(0)
+        self.offset = 0
+        header_rows = csv.reader(self._lines(), delimiter=delimiter)
+        header = next(header_rows, None)
+        self.header = [name.strip().removeprefix("\ufeff") for name in header or []]
+        if offset > self.offset:
+            f.seek(offset)
+            self.offset = offset
+        self._rows = csv.reader(self._lines(), delimiter=delimiter)
+
+    def _lines(self) -> Iterator[str]:
+        while True:
+            line = self.f.readline(MAX_RECORD + 1)
+            if not line:
+                return
+            self.offset += len(line)
+            self._row_raw.append(line[:_KEEP] if len(line) > MAX_RECORD else line)
+            yield line.decode("utf-8", "surrogateescape")
+
+    def read(self, limit: int) -> Chunk:
+        chunk = Chunk()
+        while len(chunk.items) + len(chunk.bad) < limit:
+            start = self.offset
+            self._row_raw = []
+            try:
+                row = next(self._rows, None)
+            except csv.Error as exc:
+                self.records += 1
+                chunk.bad.append((b"".join(self._row_raw), f"row {self.records} (byte {start}): {exc}"))
+                continue
+            if row is None:
+                chunk.done = True
+                break
+            if not any(cell.strip() for cell in row):
+                continue
+            self.records += 1
+            raw = b"".join(self._row_raw).rstrip(b"\r\n")
+            where = f"row {self.records} (byte {start})"
+            try:
+                chunk.items.append(self.entry(row))
+            except ValueError as exc:
+                chunk.bad.append((raw, f"{where}: {exc}"))
+            else:
+                chunk.origins.append((where, raw))
+        chunk.offset, chunk.records = self.offset, self.records
+        return chunk
+
+    def entry(self, row: list[str]) -> dict[str, Any]:
+        if len(row) > len(self.header):
+            raise ValueError(f"{len(row)} cells but the header names {len(self.header)} columns")
+        entry: dict[str, Any] = {}
+        extra: dict[str, str] = {}
+        for name, cell in zip(self.header, row, strict=False):
+            if cell == "":
+                continue
+            try:
+                cell.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"column {name!r} is not UTF-8 text") from None
+            path = name.split(".")
+            if path[0] not in ENTRY_FIELDS or not all(path):
+                extra[name] = cell
+                continue
+            value: Any = cell
+            if name in _JSON_COLUMNS or path[-1] == "metadata":
+                try:
+                    value = orjson.loads(cell)
+                except orjson.JSONDecodeError as exc:
+                    raise ValueError(f"column {name!r} should hold JSON text: {exc.msg}") from None
+            elif name == "version" and cell.strip().isdigit():
+                value = int(cell)
+            _set(entry, path, value, name)
+        if extra:
+            entry["extra"] = extra
+        return entry
+
+
+def _set(target: dict[str, Any], path: list[str], value: Any, column: str) -> None:
+    for part in path[:-1]:
+        child = target.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"column {column!r} conflicts with another column that sets {part!r}")
+        target = child
+    if path[-1] in target:
+        raise ValueError(f"column {column!r} conflicts with another column for the same field")
+    target[path[-1]] = value
+
+
+def open_reader(fmt: Format, f: BinaryIO, offset: int, records: int,
+                delimiter: str = ",") -> JsonlReader | JsonArrayReader | CsvReader:
+    if fmt == "jsonl":
+        return JsonlReader(f, offset, records)
+    if fmt == "json":
+        return JsonArrayReader(f, offset, records)
+    return CsvReader(f, offset, records, delimiter)
