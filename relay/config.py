@@ -257,10 +257,78 @@ def _validate(model: type[BaseModel], raw: dict[str, Any], base: Path_, loaded: 
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        for error in exc.errors(include_url=False, include_input=False):
-            loc: Path_ = (*base, *error["loc"])
-            issues.append(loaded.issue(loc, _message(error, model, error["loc"], extra_keys)))
+        located = [(_locate(model, raw, error["loc"]), error)
+                   for error in exc.errors(include_url=False, include_input=False)]
+        fitting = {where.union for where, _ in located if where.fits}
+        for where, error in located:
+            if where.union is not None and not where.fits and where.union in fitting:
+                continue  # a union member the input's shape rules out: its complaint is noise
+            issues.append(loaded.issue((*base, *where.loc), _message(error, model, where.loc, extra_keys)))
         return None
+
+
+@dataclass(frozen=True)
+class _Located:
+    loc: tuple[Any, ...]
+    """The error's key path, without the member tags pydantic inserts for a union (`literal['none']`)."""
+    union: tuple[Any, ...] | None
+    """Key path of the first union on the way, if any."""
+    fits: bool
+    """False when the error comes from a union member the input's shape rules out: a settings model when
+    the input is not a mapping, or a plain value when it is."""
+
+
+def _locate(model: type[BaseModel], raw: Any, loc: tuple[Any, ...]) -> _Located:
+    current: Any = model
+    value: Any = raw
+    path: list[Any] = []
+    union: tuple[Any, ...] | None = None
+    fits = True
+    parts = list(loc)
+    while parts:
+        while typing.get_origin(current) is typing.Annotated:
+            current = typing.get_args(current)[0]
+        if typing.get_origin(current) in (typing.Union, types.UnionType):
+            members = [m for m in typing.get_args(current) if m is not type(None)]
+            if len(members) == 1:  # `X | None`: pydantic tags nothing
+                current = members[0]
+                continue
+            member = _member(str(parts.pop(0)), members)
+            if union is None:
+                union, fits = tuple(path), _is_model(member) == isinstance(value, dict)
+            current = member
+            continue
+        part = parts.pop(0)
+        path.append(part)
+        if _is_model(current):
+            field = current.model_fields.get(str(part)) or next(
+                (f for f in current.model_fields.values() if f.alias == part), None)
+            current = field.annotation if field is not None else Any
+        elif typing.get_origin(current) is dict:
+            current = typing.get_args(current)[1]
+        elif typing.get_origin(current) is list:
+            current = typing.get_args(current)[0]
+        else:
+            current = Any
+        value = value.get(part) if isinstance(value, dict) else (
+            value[part] if isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value) else None)
+    return _Located(tuple(path), union, fits)
+
+
+def _member(tag: str, members: list[Any]) -> Any:
+    """The union member a pydantic loc tag names: `AuthSettings`, `function-after[..., AuthSettings]`,
+    `literal['none']`, `str`."""
+    for member in members:
+        if _is_model(member) and re.search(rf"\b{member.__name__}\b", tag):
+            return member
+    if tag.startswith("literal["):
+        return next((m for m in members if typing.get_origin(m) is Literal), members[0])
+    return next((m for m in members if getattr(m, "__name__", None) == tag),
+                next((m for m in members if not _is_model(m)), members[0]))
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def _message(error: Any, model: type[BaseModel], loc: tuple[Any, ...], extra_keys: tuple[str, ...]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -171,6 +172,33 @@ def test_env_file_problems_are_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         read_env_file(tmp_path / "bad.env")
     assert str(info.value.issues[0]).endswith("bad.env:2: the environment file is not UTF-8 text")
+
+
+@pytest.mark.parametrize(("auth", "expected"), [
+    ({"token": "t", "mode": "c"}, ["relay.yaml: sources.push.auth.mode: Input should be 'a' or 'b'"]),
+    ({"tokn": "t"}, ["relay.yaml: sources.push.auth.tokn: unknown key (did you mean 'token'?)",
+                     "relay.yaml: sources.push.auth.token: required key is missing"]),
+    ("nothing", ["relay.yaml: sources.push.auth: Input should be 'none'"]),
+])
+def test_a_union_setting_is_reported_as_the_member_the_input_fits(auth: object, expected: list[str]) -> None:
+    """`auth: none | {...}`: pydantic reports every member and puts their tags in the key path
+    (`auth.function-after[...]`); only the member the input's shape fits is meant."""
+    from typing import Literal
+
+    from relay.config import _validate
+    from relay.settings import Settings
+    from relay.yamlfile import LoadedYaml
+
+    class Credentials(Settings):
+        token: str
+        mode: Literal["a", "b"] = "a"
+
+    class UnionSettings(Settings):
+        auth: Literal["none"] | Credentials
+
+    issues: list[Any] = []
+    _validate(UnionSettings, {"auth": auth}, ("sources", "push"), LoadedYaml({}, "relay.yaml"), issues)
+    assert sorted(str(i) for i in issues) == sorted(expected)
 
 
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
