@@ -256,7 +256,7 @@ def test_ten_thousand_connections_held_do_not_starve_valid_clients(receiver: Rec
 def test_forged_signatures_at_a_high_rate_store_nothing(receiver: Receiver, leaks: Leaks) -> None:
     leaks.file("relay log", receiver.relay.log_path)
     ids_before, quarantined_before = receiver.journaled()
-    answers: Counter[int] = Counter()
+    answers: Counter[int | str] = Counter()
     lock = threading.Lock()
     body = json.dumps([numbered("forged", i) for i in range(20)]).encode()
     forgeries: list[dict[str, Any]] = [
@@ -272,7 +272,10 @@ def test_forged_signatures_at_a_high_rate_store_nothing(receiver: Receiver, leak
         with httpx.Client(timeout=20.0) as client:
             for i in range(250):
                 headers = {"content-type": "application/json", **forgeries[(n + i) % len(forgeries)]}
-                status = client.post(receiver.url, content=body, headers=headers).status_code
+                try:
+                    status: int | str = client.post(receiver.url, content=body, headers=headers).status_code
+                except httpx.TransportError:  # refused before its body was read, the connection is closed
+                    status = "disconnected"
                 with lock:
                     answers[status] += 1
 
@@ -283,7 +286,7 @@ def test_forged_signatures_at_a_high_rate_store_nothing(receiver: Receiver, leak
         for thread in threads:
             thread.join(timeout=120)
     assert sum(answers.values()) == 2000
-    assert set(answers) <= {401, 403}, answers
+    assert set(answers) <= {401, 403, "disconnected"} and answers[401] and answers[403], answers
     valid.check(receiver)
     ids_after, quarantined_after = receiver.journaled()
     assert not any(i.startswith("forged-") for i in ids_after), "a forged request was stored"
