@@ -1,13 +1,12 @@
-"""Fixtures of the reliability suite: every test is checked for leaked secrets; peers shared by the suite."""
+"""Fixtures of the reliability suite: every test is checked for leaked secrets and isolated from the
+machine's AWS settings. The moto server it shares with tests/test_s3.py is in tests/conftest.py."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.moto_s3 import MotoS3
 from tests.reliability.leaks import Leaks, assert_clean, capture_logs, restore_logs
 
 
@@ -24,24 +23,6 @@ def leaks() -> Iterator[Leaks]:
     assert_clean(found)
 
 
-@pytest.fixture(scope="session")
-def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
-    """One moto S3 server (SigV4 checked) for the whole suite; each test makes its own bucket."""
-    server = MotoS3(tmp_path_factory.mktemp("moto") / "moto.log").start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.fixture(autouse=True)
-def no_ambient_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Only the AWS settings a test gives the relay count, never the machine's."""
-    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
-                "AWS_DEFAULT_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ROLE_ARN",
-                "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-                "AWS_CONTAINER_CREDENTIALS_FULL_URI"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+def _no_ambient_aws(no_ambient_aws: None) -> None:
+    """Every test of the suite sees only the AWS settings it gives the relay (tests/conftest.py)."""
