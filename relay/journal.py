@@ -116,8 +116,8 @@ class Journal:
         """Set from the first SQLITE_FULL until a write succeeds again (one warning per episode)."""
         self._last_seq = 0
         self._used = 0
-        self.active_destinations: set[str] = set()
-        """Destinations whose offsets hold back pruning (the service keeps this up to date)."""
+        self.active_destinations: set[str] | None = None
+        """Destinations whose offsets hold back pruning; None (nothing is pruned) until the owner says."""
 
     # -- life cycle -------------------------------------------------------------------------------
 
@@ -226,7 +226,15 @@ class Journal:
             ops, self._queue = self._queue, []
             if not ops:
                 continue
-            await trio.to_thread.run_sync(self._run_group, ops, limiter=self._limiter)
+            completed = False
+            try:
+                await trio.to_thread.run_sync(self._run_group, ops, limiter=self._limiter)
+                completed = True
+            finally:
+                if not completed:  # cancelled before the thread started: these writes never ran
+                    for op in ops:
+                        op.error = JournalUnavailable("the relay is stopping")
+                        op.done.set()
             self._report_disk(ops)
             self._update_full()
             if any(op.appends and op.error is None for op in ops):
@@ -487,6 +495,8 @@ class Journal:
     def _prune_chunk(self, db: sqlite3.Connection) -> int:
         """Delete up to one chunk of entries every active destination is done with and that are past
         retention (or any such entries while the journal is over 90 % full). Returns rows deleted."""
+        if self.active_destinations is None:  # not known yet: pruning now could delete undelivered entries
+            return 0
         names = sorted(self.active_destinations)
         if names:
             marks = ",".join("?" * len(names))

@@ -210,3 +210,17 @@ async def test_a_full_disk_refuses_intake_and_holds_bookkeeping_until_space_retu
         assert (await intake.submit([entry(id="evt_after")])).accepted == 1
         with trio.fail_after(10):
             await loop.wait_offset(6)
+
+
+async def test_a_full_journal_at_start_prunes_nothing_undelivered(tmp_path: Path) -> None:
+    """Restarting with a full journal wakes the pruner at once; before the service has said which
+    destinations exist, it must not treat the journal as having none (that would delete everything)."""
+    async with open_journal(tmp_path, retention=0) as journal:
+        await JournalIntake("push", journal, None).submit(
+            [entry(occurred_at=f"2024-05-14T09:30:{i:02d}Z") for i in range(50)])
+        await journal.register_destination("out", "oldest")
+    async with open_journal(tmp_path, max_size=4096, retention=0) as journal:
+        assert journal.statistics().full
+        assert await journal.write(journal._prune_chunk) == 0
+    with journal_db(tmp_path) as db:
+        assert db.execute("SELECT count(*) FROM entries").fetchone()[0] == 50

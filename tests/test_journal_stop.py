@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import trio
+import trio.testing
 
 from relay.errors import JournalUnavailable
 from relay.journal import Journal
@@ -72,3 +73,33 @@ def test_a_write_queued_while_the_journal_stops_fails_instead_of_hanging(tmp_pat
 
 def test_a_write_in_flight_when_the_journal_stops_is_finished_and_reported(tmp_path: Path) -> None:
     assert _within(20, _write_in_flight_at_stop, tmp_path) == ("stopped", 7)
+
+
+
+def test_writes_taken_by_a_writer_cancelled_before_its_thread_started_fail(tmp_path: Path) -> None:
+    """The writer takes the queued writes, then is cancelled at the thread call's first checkpoint (here:
+    waiting for the connection's limiter): those writes must fail, not wait forever (each waits shielded)."""
+
+    async def scenario() -> list[str]:
+        journal = Journal(tmp_path, max_size=1 << 30, retention=0)
+        await journal.open()
+        outcome: list[str] = []
+
+        async def writer() -> None:
+            try:
+                await journal.write(lambda db: db.execute("SELECT 1"))
+                outcome.append("done")
+            except JournalUnavailable:
+                outcome.append("unavailable")
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(journal.run)
+            await journal._limiter.acquire()  # the writer blocks acquiring it inside to_thread
+            nursery.start_soon(writer)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+        journal._limiter.release()
+        await journal.close()
+        return outcome
+
+    assert _within(15, scenario) == ["unavailable"]
