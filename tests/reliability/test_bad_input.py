@@ -9,8 +9,6 @@ surrogates, 100,000 levels, 3 MiB strings).
 
 from __future__ import annotations
 
-import io
-import logging
 import math
 import sqlite3
 from collections import Counter
@@ -28,7 +26,8 @@ from hypothesis import strategies as st
 from relay.entry import identity_key
 from relay.intake import JournalIntake
 from relay.journal import Journal
-from tests.helpers import entry, journal_db
+from tests.helpers import config_dict, entry, free_port, journal_db, make_config, running_relay
+from tests.reliability.leaks import RECEIVER_TOKEN
 
 JSON_LEAVES = (st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1)
                | st.floats() | st.text(max_size=40))
@@ -279,10 +278,6 @@ def test_hostile_bodies_through_the_receiver_are_answered_and_accounted_for(tmp_
     """Over real HTTP: every body is answered 200 (entries accepted, or quarantined one by one with their index),
     400 (unreadable, kept whole in quarantine with the reason) or 413 (too large, nothing kept); never a 5xx.
     Entries that were left valid in a readable body are accepted; what is stored is canonical JSON."""
-    from relay.logs import configure_logging
-    from tests.helpers import config_dict, free_port, make_config, running_relay
-    from tests.reliability.leaks import RECEIVER_TOKEN
-
     port = free_port()
     config = make_config(config_dict(tmp_path, {"push": {"type": "http", "listen": f"127.0.0.1:{port}",
                                                          "max_body_size": "4MiB",
@@ -328,11 +323,6 @@ def test_hostile_bodies_through_the_receiver_are_answered_and_accounted_for(tmp_
                     one_body(client)
             await trio.to_thread.run_sync(run)
 
-    saved = logging.getLogger().handlers[:]
-    configure_logging("warning", "json", io.StringIO())  # the receiver warns about each bad body: keep it quiet
-    try:
-        trio.run(main)
-    finally:
-        logging.getLogger().handlers[:] = saved
+    trio.run(main)  # the receiver's warnings about each bad body go to the `leaks` fixture's capture
     print(f"\nreceiver bodies: answers {dict(statuses)}")
     assert statuses[200] and statuses[400] and statuses["200 with entries quarantined"], statuses

@@ -12,6 +12,7 @@ flight at each kill. Two of the kills land while the relay is still starting up 
 from __future__ import annotations
 
 import functools
+import json
 import random
 import time
 from pathlib import Path
@@ -36,8 +37,6 @@ STARTUP_KILLS = (3, 7)
 
 def journal_check(state: Path) -> tuple[str, set[str]]:
     """(PRAGMA integrity_check, the ids of every journaled entry), read while the relay is down."""
-    import json
-
     with journal_db(state) as db:
         integrity = db.execute("PRAGMA integrity_check").fetchone()[0]
         ids = {json.loads(row[0])["id"] for row in db.execute("SELECT data FROM entries")}
