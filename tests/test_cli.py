@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import trio
 import relay
 from relay.cli import main
 from tests import scripted
-from tests.helpers import ROOT, config_dict, entry, make_config, running_relay, write_config
+from tests.helpers import ROOT, RelayProcess, config_dict, entry, make_config, running_relay, write_config
 
 
 def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
@@ -125,10 +126,6 @@ async def test_quarantine_commands(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_run_takes_the_hard_limit_of_open_files(tmp_path: Path) -> None:
     """Started with systemd's default soft limit (1024), the relay raises it: each client of a push receiver
     is a file descriptor, and 1024 idle connections would otherwise lock valid senders out."""
-    import resource
-
-    from tests.helpers import RelayProcess
-
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard <= 1024:
         pytest.skip(f"the hard limit is {hard}: nothing to raise")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
-from relay.config import load_config
+from relay.config import _validate, load_config
 from relay.errors import ConfigError
-from relay.settings import Secret
+from relay.settings import Secret, Settings
+from relay.yamlfile import LoadedYaml, read_env_file
 from tests.helpers import ROOT, make_config, registry
 
 GOOD = """\
@@ -164,8 +165,6 @@ def test_unreadable_bytes_are_config_errors_with_a_line(tmp_path: Path) -> None:
 
 
 def test_env_file_problems_are_config_errors(tmp_path: Path) -> None:
-    from relay.yamlfile import read_env_file
-
     with pytest.raises(ConfigError, match="cannot read the environment file: No such file"):
         read_env_file(tmp_path / "missing.env")
     (tmp_path / "bad.env").write_bytes(b"A=1\nB=\xff\n")
@@ -183,12 +182,6 @@ def test_env_file_problems_are_config_errors(tmp_path: Path) -> None:
 def test_a_union_setting_is_reported_as_the_member_the_input_fits(auth: object, expected: list[str]) -> None:
     """`auth: none | {...}`: pydantic reports every member and puts their tags in the key path
     (`auth.function-after[...]`); only the member the input's shape fits is meant."""
-    from typing import Literal
-
-    from relay.config import _validate
-    from relay.settings import Settings
-    from relay.yamlfile import LoadedYaml
-
     class Credentials(Settings):
         token: str
         mode: Literal["a", "b"] = "a"
