@@ -136,11 +136,15 @@ def load_config(path: str | os.PathLike[str], registry: Registry,
     """Read, substitute and validate a configuration file; raise `ConfigError` listing every problem."""
     file = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        raw = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError([ConfigIssue("", f"cannot read the configuration: {exc.strerror}", file)]) from None
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError([ConfigIssue("", f"the configuration is not UTF-8 text ({exc.reason})", file)]) from None
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError([ConfigIssue("", f"the configuration is not UTF-8 text ({exc.reason}, byte "
+                                           f"{raw[exc.start]:#04x})", file, line)]) from None
     return parse_config(text, file, registry, os.environ if env is None else env)
 
 
@@ -149,6 +153,8 @@ def parse_config(text: str, file: str, registry: Registry, env: Mapping[str, str
     if not isinstance(loaded.data, dict):
         raise ConfigError([loaded.issue((), "the configuration must be a mapping of keys to values")])
     issues = substitute(loaded, env, Path(file).resolve().parent)
+    # A value whose `${...}` failed is reported once, not again as empty or invalid by validation.
+    substituted, unresolved = len(issues), {issue.path for issue in issues}
     data: dict[str, Any] = loaded.data
 
     top = _validate(TopLevel, {k: v for k, v in data.items() if k not in ("sources", "destinations")},
@@ -164,7 +170,8 @@ def parse_config(text: str, file: str, registry: Registry, env: Mapping[str, str
     if not issues and not sources and not destinations:
         issues.append(loaded.issue((), "no sources and no destinations are configured"))
     if issues or top is None:
-        raise ConfigError(sorted(issues, key=lambda i: (i.line or 0, i.path)))
+        kept = [i for n, i in enumerate(issues) if n < substituted or i.path not in unresolved]
+        raise ConfigError(sorted(kept, key=lambda i: (i.line or 0, i.path)))
 
     state_dir = top.state_dir
     if state_dir is None:
@@ -250,10 +257,78 @@ def _validate(model: type[BaseModel], raw: dict[str, Any], base: Path_, loaded: 
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        for error in exc.errors(include_url=False, include_input=False):
-            loc: Path_ = (*base, *error["loc"])
-            issues.append(loaded.issue(loc, _message(error, model, error["loc"], extra_keys)))
+        located = [(_locate(model, raw, error["loc"]), error)
+                   for error in exc.errors(include_url=False, include_input=False)]
+        fitting = {where.union for where, _ in located if where.fits}
+        for where, error in located:
+            if where.union is not None and not where.fits and where.union in fitting:
+                continue  # a union member the input's shape rules out: its complaint is noise
+            issues.append(loaded.issue((*base, *where.loc), _message(error, model, where.loc, extra_keys)))
         return None
+
+
+@dataclass(frozen=True)
+class _Located:
+    loc: tuple[Any, ...]
+    """The error's key path, without the member tags pydantic inserts for a union (`literal['none']`)."""
+    union: tuple[Any, ...] | None
+    """Key path of the first union on the way, if any."""
+    fits: bool
+    """False when the error comes from a union member the input's shape rules out: a settings model when
+    the input is not a mapping, or a plain value when it is."""
+
+
+def _locate(model: type[BaseModel], raw: Any, loc: tuple[Any, ...]) -> _Located:
+    current: Any = model
+    value: Any = raw
+    path: list[Any] = []
+    union: tuple[Any, ...] | None = None
+    fits = True
+    parts = list(loc)
+    while parts:
+        while typing.get_origin(current) is typing.Annotated:
+            current = typing.get_args(current)[0]
+        if typing.get_origin(current) in (typing.Union, types.UnionType):
+            members = [m for m in typing.get_args(current) if m is not type(None)]
+            if len(members) == 1:  # `X | None`: pydantic tags nothing
+                current = members[0]
+                continue
+            member = _member(str(parts.pop(0)), members)
+            if union is None:
+                union, fits = tuple(path), _is_model(member) == isinstance(value, dict)
+            current = member
+            continue
+        part = parts.pop(0)
+        path.append(part)
+        if _is_model(current):
+            field = current.model_fields.get(str(part)) or next(
+                (f for f in current.model_fields.values() if f.alias == part), None)
+            current = field.annotation if field is not None else Any
+        elif typing.get_origin(current) is dict:
+            current = typing.get_args(current)[1]
+        elif typing.get_origin(current) is list:
+            current = typing.get_args(current)[0]
+        else:
+            current = Any
+        value = value.get(part) if isinstance(value, dict) else (
+            value[part] if isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value) else None)
+    return _Located(tuple(path), union, fits)
+
+
+def _member(tag: str, members: list[Any]) -> Any:
+    """The union member a pydantic loc tag names: `AuthSettings`, `function-after[..., AuthSettings]`,
+    `literal['none']`, `str`."""
+    for member in members:
+        if _is_model(member) and re.search(rf"\b{member.__name__}\b", tag):
+            return member
+    if tag.startswith("literal["):
+        return next((m for m in members if typing.get_origin(m) is Literal), members[0])
+    return next((m for m in members if getattr(m, "__name__", None) == tag),
+                next((m for m in members if not _is_model(m)), members[0]))
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def _message(error: Any, model: type[BaseModel], loc: tuple[Any, ...], extra_keys: tuple[str, ...]) -> str:

@@ -22,6 +22,7 @@ from relay import metrics
 from relay.config import DestinationConfig
 from relay.destination import Batch, Delivered, Destination, Entry, Halted, Rejected, Result, RetryLater
 from relay.journal import Journal, JournalReader, Row
+from relay.logs import scrub
 from relay.retry import Backoff
 from relay.selection import Selection
 
@@ -283,7 +284,7 @@ class DeliveryLoop:
 
     async def _finish(self, batch: Batch, delivered: list[int] | range, reasons: dict[int, str],
                       resend_from: int | None = None) -> None:
-        dead = [(batch.entries[i].seq, reasons[i]) for i in sorted(reasons)]
+        dead = [(batch.entries[i].seq, scrub(reasons[i])) for i in sorted(reasons)]
         newest = max((batch.entries[i].occurred_at for i in delivered), default=None)
         moved = await self.journal.finish_batch(
             self.name, batch.first_seq, delivered=len(delivered), newest_occurred_at=newest,
@@ -315,6 +316,9 @@ class DeliveryLoop:
             self.oldest_undelivered = rows[0].occurred_at if rows else None
 
     async def _set_state(self, state: str, reason: str | None) -> None:
+        # Reasons quote what peers answered (an error page may echo a credential). Logs are scrubbed when
+        # written, but the journal is read by `relay status` and `relay dlq` in other processes: scrub here.
+        reason = scrub(reason) if reason is not None else None
         if state == self.state:
             self.reason = reason
             return

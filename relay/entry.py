@@ -8,6 +8,7 @@ An invalid entry raises `EntryError` naming the field: the caller quarantines it
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -85,6 +86,21 @@ def short_key(digest: bytes) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
+def _non_finite(value: Any, path: str = "") -> str | None:
+    """The dotted path of the first NaN or infinite number in `value`, if there is one."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path or "(the entry)"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if (found := _non_finite(item, f"{path}.{key}" if path else str(key))) is not None:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            if (found := _non_finite(item, f"{path}[{index}]")) is not None:
+                return found
+    return None
+
+
 def prepare(value: Any) -> NewEntry:
     """Validate one entry (a parsed JSON value); raise `EntryError` naming the field that is wrong."""
     if not isinstance(value, dict):
@@ -125,6 +141,8 @@ def prepare(value: Any) -> NewEntry:
         digest = identity_key(value)
     except (TypeError, orjson.JSONEncodeError) as exc:
         raise EntryError("", f"cannot be represented as JSON: {exc}") from None
+    if b"null" in data and (where := _non_finite(value)) is not None:  # orjson writes NaN as null: say so
+        raise EntryError(where, "NaN and Infinity cannot be represented as JSON")
 
     unrecognized: list[str] = []
     versions = known_versions().get(action)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import reprlib
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -16,12 +17,24 @@ from relay.errors import EntryError, JournalUnavailable
 from relay.journal import Journal
 from relay.source import UNCHANGED, SubmitResult
 
+_REPR = reprlib.Repr()
+"""For quarantining what JSON cannot hold: bounded in depth and size, so a hostile value cannot exhaust
+the stack (plain `repr` of a value nested 10,000 deep raises RecursionError) or memory."""
+_REPR.maxlevel = 64
+_REPR.maxdict = _REPR.maxlist = _REPR.maxtuple = _REPR.maxset = _REPR.maxother = 10_000
+_REPR.maxstring, _REPR.maxlong = 1_000_000, 1_000
+
 
 def _raw(item: Any) -> bytes:
+    """The bytes kept in quarantine for an item that failed validation: JSON when possible."""
     try:
         return orjson.dumps(item)
     except (TypeError, orjson.JSONEncodeError):
-        return repr(item).encode("utf-8", "backslashreplace")
+        pass
+    try:  # keys that are not strings, bytes, sets, 100-digit numbers: as JSON, with such values as repr()
+        return orjson.dumps(item, default=repr, option=orjson.OPT_NON_STR_KEYS)
+    except (TypeError, orjson.JSONEncodeError):
+        return _REPR.repr(item).encode("utf-8", "backslashreplace")
 
 
 class JournalIntake:

@@ -6,6 +6,12 @@ only after that commit, so "submit returned" means "on disk". Each write runs in
 so one failing write does not take the others down with it. Reads use their own connections (WAL lets
 them run beside the writer). Every sqlite call runs in a worker thread through a `CapacityLimiter(1)`
 per connection, never on the event loop.
+
+When the disk is full (SQLITE_FULL), appends fail at once with `JournalUnavailable` (a push source
+answers 503) while the relay's own bookkeeping (batch boundaries, offsets, states, plugin state) waits
+for space and is retried, so deliveries in flight are recorded once space returns instead of taking the
+relay down. Log events: `journal_full`, `journal_resumed`, `journal_disk_full` (warning, once per
+episode), `journal_disk_space_returned`.
 """
 
 from __future__ import annotations
@@ -40,6 +46,9 @@ CHECKPOINT_EVERY_GROUPS = 64
 """The background checkpoint runs every second, or sooner after this many writes."""
 FULL_RESUME_RATIO = 0.95
 """Once full, sources resume when the journal is back under 95 % of `max_size` (no flapping)."""
+DISK_FULL_PAUSE = 1.0
+"""After SQLITE_FULL, appends are refused and waiting writes retried after this long (nothing signals
+that space has returned, so the disk is tried again)."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,9 @@ class _Op:
     done: trio.Event = field(default_factory=trio.Event)
     result: Any = None
     error: BaseException | None = None
+    disk_full: bool = False
+    retried: bool = False
+    """A write tried again after the disk was full: its commit shows that space has returned."""
 
 
 _ROW_COLUMNS = "seq, route, occurred_at, action, actor_type, target_types, data"
@@ -104,6 +116,8 @@ class Journal:
         self._running = False
         self._full = False
         self._disk_full_until = 0.0
+        self._disk_full_since: float | None = None
+        """Set from the first SQLITE_FULL until a write succeeds again (one warning per episode)."""
         self._last_seq = 0
         self._used = 0
         self.active_destinations: set[str] | None = None
@@ -182,18 +196,27 @@ class Journal:
 
     # -- writing ------------------------------------------------------------------------------------
 
-    async def write(self, fn: Callable[[sqlite3.Connection], T], *, appends: bool = False) -> T:
-        """Run `fn(connection)` inside the next group transaction; return after it is committed."""
-        if not self._running:
-            raise JournalUnavailable("the relay is stopping")
-        op = _Op(fn, appends)
-        self._queue.append(op)
-        self._wakeup.set()
-        with trio.CancelScope(shield=True):  # the write is going out either way; report its outcome
-            await op.done.wait()
-        if op.error is not None:
-            raise op.error
-        return op.result  # type: ignore[no-any-return]
+    async def write(self, fn: Callable[[sqlite3.Connection], T], *, appends: bool = False,
+                    wait_for_space: bool = True) -> T:
+        """Run `fn(connection)` inside the next group transaction; return after it is committed.
+
+        If the disk is full, try again every `DISK_FULL_PAUSE` until it commits (cancellable between
+        tries), unless `wait_for_space` is off: then raise `JournalUnavailable` at once."""
+        retried = False
+        while True:
+            if not self._running:
+                raise JournalUnavailable("the relay is stopping")
+            op = _Op(fn, appends, retried=retried)
+            self._queue.append(op)
+            self._wakeup.set()
+            with trio.CancelScope(shield=True):  # the write is going out either way; report its outcome
+                await op.done.wait()
+            if op.error is None:
+                return op.result  # type: ignore[no-any-return]
+            if not (op.disk_full and wait_for_space):
+                raise op.error
+            retried = True
+            await trio.sleep(max(0.0, self._disk_full_until - time.monotonic()))
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run a read on the writer's connection (between group transactions)."""
@@ -217,6 +240,7 @@ class Journal:
                     for op in ops:
                         op.error = JournalUnavailable("the relay is stopping")
                         op.done.set()
+            self._report_disk(ops)
             self._update_full()
             self._since_checkpoint += len(ops)
             if self._since_checkpoint >= CHECKPOINT_EVERY_GROUPS:
@@ -243,7 +267,7 @@ class Journal:
             except Exception as exc:
                 db.execute("ROLLBACK TO op")
                 db.execute("RELEASE op")
-                op.error = self._translate(exc)
+                self._fail(op, exc)
         try:
             db.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -253,17 +277,31 @@ class Journal:
         self._refresh_stats()
 
     def _fail_all(self, ops: Sequence[_Op], exc: BaseException) -> None:
-        error = self._translate(exc)
         for op in ops:
-            op.error = error
+            self._fail(op, exc)
 
-    def _translate(self, exc: BaseException) -> BaseException:
+    def _fail(self, op: _Op, exc: BaseException) -> None:
         if _is_disk_full(exc):
-            self._disk_full_until = time.monotonic() + 1.0
-            return JournalUnavailable("the journal's disk is full", retry_after=5.0)
-        if isinstance(exc, sqlite3.Error):
-            return JournalError(f"journal write failed: {exc}")
-        return exc
+            self._disk_full_until = time.monotonic() + DISK_FULL_PAUSE
+            op.disk_full = True
+            op.error = JournalUnavailable("the journal's disk is full", retry_after=5.0)
+        elif isinstance(exc, sqlite3.Error):
+            op.error = JournalError(f"journal write failed: {exc}")
+        else:
+            op.error = exc
+
+    def _report_disk(self, ops: Sequence[_Op]) -> None:
+        """One warning when the disk fills up, one line when an append or a write that waited for space
+        commits (a write that needs no new space, such as an empty prune, proves nothing)."""
+        if any(op.disk_full for op in ops):
+            if self._disk_full_since is None:
+                self._disk_full_since = time.time()
+                log.warning("journal_disk_full", state_dir=str(self.state_dir),
+                            hint="sources are refused (push answers 503) and deliveries wait to be recorded "
+                                 "until space is freed on this filesystem; nothing is dropped")
+        elif self._disk_full_since is not None and any(op.error is None and (op.appends or op.retried) for op in ops):
+            log.info("journal_disk_space_returned", full_for_seconds=round(time.time() - self._disk_full_since, 3))
+            self._disk_full_since = None
 
     def _refresh_stats(self) -> None:
         db = self._db
@@ -301,6 +339,8 @@ class Journal:
         if not self.writable:
             if self._full:
                 raise JournalUnavailable("the journal is full; destinations are catching up", retry_after=10.0)
+            if self._disk_full():
+                raise JournalUnavailable("the journal's disk is full", retry_after=5.0)
             raise JournalUnavailable("the journal cannot take entries right now", retry_after=5.0)
         now = time.time()
         rows = [(e.key, e.digest, source, now, e.occurred_at, e.action, e.actor_type, e.target_types, e.data)
@@ -327,7 +367,7 @@ class Journal:
                            (source, cursor, now, now))
             return inserted
 
-        return await self.write(append, appends=True)
+        return await self.write(append, appends=True, wait_for_space=False)
 
     async def load_cursor(self, source: str) -> str | None:
         return (await self.load_source(source))[0]
@@ -441,7 +481,7 @@ class Journal:
     async def quarantine(self, source: str, reason: str, data: bytes) -> None:
         await self.write(lambda db: db.execute(
             "INSERT INTO quarantine (source, received_at, reason, data) VALUES (?, ?, ?, ?)",
-            (source, time.time(), reason, data)))
+            (source, time.time(), reason, data)), wait_for_space=False)
 
     # -- pruning --------------------------------------------------------------------------------------
 
@@ -451,8 +491,8 @@ class Journal:
                 await self._prune_now.wait()
             self._prune_now = trio.Event()
             try:
-                await self.write(_forget_removed)
-                while await self.write(self._prune_chunk):
+                await self.write(_forget_removed, wait_for_space=False)
+                while await self.write(self._prune_chunk, wait_for_space=False):
                     await trio.lowlevel.checkpoint()  # let other writes in between chunks
             except JournalUnavailable:
                 if not self._running:

@@ -426,7 +426,7 @@ class Service:
         """The watchdog's proof of life: a no-op write through the writer's group commit. Any answer counts
         (a full disk is reported elsewhere); a writer that is gone never answers."""
         try:
-            await self.journal.write(lambda db: None)
+            await self.journal.write(lambda db: None, wait_for_space=False)
         except JournalUnavailable:
             if not self.journal.running:
                 await trio.sleep_forever()

@@ -20,6 +20,10 @@ from relay.errors import ConfigError, ConfigIssue
 
 Path_ = tuple[str | int, ...]
 
+MAX_VALUES = 100_000
+"""Far more keys and values than any configuration has: YAML aliases that expand exponentially (a
+"billion laughs" file) are refused here instead of exhausting memory."""
+
 __all__ = ["LoadedYaml", "dotted", "load_yaml", "read_env_file", "substitute"]
 
 
@@ -59,7 +63,12 @@ def load_yaml(text: str, file: str) -> LoadedYaml:
             loaded.data = {}
             return loaded
         loaded.lines[()] = node.start_mark.line + 1
-        loaded.data = _convert(loader, node, (), loaded, issues)
+        loaded.data = _convert(loader, node, (), loaded, issues, _Budget())
+    except RecursionError:
+        raise ConfigError([ConfigIssue("", "invalid YAML: nested too deeply", file, loader.line + 1)]) from None
+    except _TooLarge as exc:
+        raise ConfigError([ConfigIssue("", f"the configuration expands to more than {MAX_VALUES:,} keys and "
+                                           "values (aliases that refer to aliases?)", file, exc.line)]) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
@@ -74,8 +83,26 @@ def load_yaml(text: str, file: str) -> LoadedYaml:
     return loaded
 
 
+class _TooLarge(Exception):
+    def __init__(self, line: int) -> None:
+        self.line = line
+
+
+class _Budget:
+    """Counts the nodes `_convert` visits (an alias is visited again each time it is used)."""
+
+    def __init__(self) -> None:
+        self.left = MAX_VALUES
+
+    def spend(self, node: yaml.Node) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise _TooLarge(node.start_mark.line + 1)
+
+
 def _convert(loader: yaml.SafeLoader, node: yaml.Node, path: Path_, out: LoadedYaml,
-             issues: list[ConfigIssue]) -> Any:
+             issues: list[ConfigIssue], budget: _Budget) -> Any:
+    budget.spend(node)
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)
         result: dict[Any, Any] = {}
@@ -92,14 +119,14 @@ def _convert(loader: yaml.SafeLoader, node: yaml.Node, path: Path_, out: LoadedY
                                           out.file, key_node.start_mark.line + 1))
                 continue
             out.lines[child] = key_node.start_mark.line + 1
-            result[key] = _convert(loader, value_node, child, out, issues)
+            result[key] = _convert(loader, value_node, child, out, issues, budget)
         return result
     if isinstance(node, yaml.SequenceNode):
         items = []
         for index, item in enumerate(node.value):
             child = (*path, index)
             out.lines[child] = item.start_mark.line + 1
-            items.append(_convert(loader, item, child, out, issues))
+            items.append(_convert(loader, item, child, out, issues, budget))
         return items
     return loader.construct_object(node, deep=True)
 
@@ -131,6 +158,9 @@ def substitute(loaded: LoadedYaml, env: Mapping[str, str], base_dir: Path) -> li
                     return target.read_text(encoding="utf-8").rstrip("\n")
                 except OSError as exc:
                     issues.append(loaded.issue(path, f"cannot read ${{file:{name}}}: {exc.strerror}"))
+                    return ""
+                except UnicodeDecodeError:
+                    issues.append(loaded.issue(path, f"cannot read ${{file:{name}}}: it is not UTF-8 text"))
                     return ""
             name, sep, default = ref.partition(":-")
             if not _VAR_NAME.match(name):
@@ -164,7 +194,14 @@ def substitute(loaded: LoadedYaml, env: Mapping[str, str], base_dir: Path) -> li
 def read_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
     """Parse a systemd `EnvironmentFile=`: `KEY=VALUE` lines, `#`/`;` comments, optional quotes."""
     values: dict[str, str] = {}
-    for number, raw in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([ConfigIssue("", f"cannot read the environment file: {exc.strerror}", str(path))]) from None
+    except UnicodeDecodeError as exc:
+        at = Path(path).read_bytes().count(b"\n", 0, exc.start) + 1
+        raise ConfigError([ConfigIssue("", "the environment file is not UTF-8 text", str(path), at)]) from None
+    for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line[0] in "#;":
             continue

@@ -2,8 +2,10 @@
 
 It forwards bytes unchanged (so SigV4 signatures, which cover the Host header, still verify upstream), or
 answers a canned error, or forwards a request and withholds the answer (the peer has acted, the client never
-hears: what a crash or a timeout mid-upload looks like). It runs in threads, so it works the same for
-in-process tests and for a relay running as a subprocess. Every request's method and path is recorded.
+hears: what a crash or a timeout mid-upload looks like), or takes a request and never answers (a hung
+peer). `refuse()` makes the peer look down (connections refused, open ones cut) until `resume()`. It runs
+in threads, so it works the same for in-process tests and for a relay running as a subprocess. Every
+request's method and path is recorded.
 """
 
 from __future__ import annotations
@@ -11,15 +13,17 @@ from __future__ import annotations
 import socket
 import socketserver
 import ssl
+import sys
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Literal
 
-Mode = Literal["forward", "fail", "hold", "drop"]
+Mode = Literal["forward", "fail", "hold", "drop", "stall"]
 """forward: pass through · fail: answer `fail_response` · hold: forward, withhold the answer ·
-drop: read the request and close the connection without an answer."""
+drop: read the request and close the connection without an answer · stall: read the request, never
+forward it, never answer (until the proxy stops)."""
 
 
 @dataclass
@@ -50,33 +54,80 @@ class FaultProxy:
     port: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: socketserver.ThreadingTCPServer | None = None
+    _placeholder: socket.socket | None = None
+    """While refusing: a socket bound to `port` without listening, so connections are refused and
+    nobody else takes the port meanwhile."""
+    _clients: set[socket.socket] = field(default_factory=set)
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> FaultProxy:
+        self._listen(0)
+        return self
+
+    def _listen(self, port: int) -> None:
         proxy = self
 
         class Handler(socketserver.BaseRequestHandler):
             def handle(self) -> None:
                 client = self.request
-                if proxy.tls is not None:
-                    try:
-                        client = proxy.tls.wrap_socket(client, server_side=True)
-                    except (ssl.SSLError, OSError):
-                        return  # the client refused our certificate
-                proxy._handle(client)
+                with proxy._lock:
+                    proxy._clients.add(client)
+                try:
+                    if proxy.tls is not None:
+                        try:
+                            client = proxy.tls.wrap_socket(client, server_side=True)
+                        except (ssl.SSLError, OSError):
+                            return  # the client refused our certificate
+                    proxy._handle(client)
+                finally:
+                    with proxy._lock:
+                        proxy._clients.discard(self.request)
 
-        server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler, bind_and_activate=True)
-        server.daemon_threads = True
+        class Server(socketserver.ThreadingTCPServer):
+            allow_reuse_address = True  # rebinding the port `refuse()` gave up, next to its TIME_WAITs
+            daemon_threads = True
+
+            def handle_error(self, request: object, client_address: object) -> None:
+                if not isinstance(sys.exc_info()[1], OSError):  # a connection cut by `refuse()` is expected
+                    super().handle_error(request, client_address)  # type: ignore[arg-type]
+
+        server = Server(("127.0.0.1", port), Handler, bind_and_activate=True)
         self._server = server
         self.port = server.server_address[1]
         threading.Thread(target=server.serve_forever, name="fault-proxy", daemon=True).start()
-        return self
+
+    def refuse(self) -> None:
+        """Look like a peer that is down: refuse new connections and cut the open ones."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        placeholder = socket.socket()
+        placeholder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        placeholder.bind(("127.0.0.1", self.port))
+        self._placeholder = placeholder
+        with self._lock:
+            clients = list(self._clients)
+        for client in clients:
+            with suppress(OSError):
+                client.shutdown(socket.SHUT_RDWR)
+
+    def resume(self) -> None:
+        """Accept connections again on the same port."""
+        if self._placeholder is not None:
+            self._placeholder.close()
+            self._placeholder = None
+        if self._server is None:
+            self._listen(self.port)
 
     def stop(self) -> None:
         self._stopped.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+        if self._placeholder is not None:
+            self._placeholder.close()
 
     def count(self, method: str = "PUT") -> int:
         with self._lock:
@@ -179,13 +230,19 @@ def _parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
     return first[0], first[1] if len(first) > 1 else "", headers
 
 
+def http_answer(status: int, reason: str, body: bytes, content_type: str = "application/json",
+                extra_headers: str = "") -> bytes:
+    """A canned HTTP/1.1 answer that closes the connection."""
+    head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+            f"{extra_headers}Connection: close\r\n\r\n").encode()
+    return head + body
+
+
 def s3_error(status: int, reason: str, code: str, message: str, extra_headers: str = "") -> bytes:
     """A canned S3 error answer, as S3 writes it."""
     body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message>'
             f"<RequestId>FAULTPROXY</RequestId></Error>").encode()
-    head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\nContent-Length: {len(body)}\r\n"
-            f"{extra_headers}Connection: close\r\n\r\n").encode()
-    return head + body
+    return http_answer(status, reason, body, "application/xml", extra_headers)
 
 
 @contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import trio
 import relay
 from relay.cli import main
 from tests import scripted
-from tests.helpers import ROOT, config_dict, entry, make_config, running_relay, write_config
+from tests.helpers import ROOT, RelayProcess, config_dict, entry, make_config, running_relay, write_config
 
 
 def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
@@ -120,3 +121,27 @@ async def test_quarantine_commands(tmp_path: Path, capsys: pytest.CaptureFixture
     assert item["reason"] == "entry 0: occurred_at: missing" and item["source"] == "in"
     assert main(["quarantine", "show", "--config", str(config_path), "--id", str(item["id"])]) == 0
     assert '{"action":"x"}' in capsys.readouterr().out
+
+
+def test_run_takes_the_hard_limit_of_open_files(tmp_path: Path) -> None:
+    """Started with systemd's default soft limit (1024), the relay raises it: each client of a push receiver
+    is a file descriptor, and 1024 idle connections would otherwise lock valid senders out."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 1024:
+        pytest.skip(f"the hard limit is {hard}: nothing to raise")
+    config = write_config(tmp_path / "relay.yaml", config_dict(
+        tmp_path, {"demo": {"type": "demo"}}, {"out": {"type": "file", "path": str(tmp_path / "out.jsonl")}}))
+    relay_process = RelayProcess(config, tmp_path / "relay.log")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    try:
+        relay_process.start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        assert relay_process.proc is not None
+        limits = Path(f"/proc/{relay_process.proc.pid}/limits").read_text()
+        [line] = [line for line in limits.splitlines() if line.startswith("Max open files")]
+        assert int(line.split()[3]) > 1024, line
+        assert any(e.get("event") == "open_files_limit_raised" for e in relay_process.events())
+    finally:
+        relay_process.stop_quietly()

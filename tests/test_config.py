@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
+from typing import Any, Literal
 
 import pytest
 
-from relay.config import load_config
+from relay.config import _validate, load_config
 from relay.errors import ConfigError
-from relay.settings import Secret
+from relay.settings import Secret, Settings
+from relay.yamlfile import LoadedYaml, read_env_file
 from tests.helpers import ROOT, make_config, registry
 
 GOOD = """\
@@ -125,6 +127,71 @@ def test_secrets_never_print() -> None:
     secret = Secret("hunter2-very-secret")
     assert "hunter2" not in str(secret) and "hunter2" not in repr(secret)
     assert secret.reveal() == "hunter2-very-secret"
+
+
+def test_a_failed_substitution_is_reported_once() -> None:
+    text = GOOD.replace("    path: /tmp/out.jsonl\n", "    path: ${RELAY_TEST_UNSET_VAR}\n")
+    with pytest.raises(ConfigError) as info:
+        make_config(text, env={})
+    assert [str(i) for i in info.value.issues] == [
+        "relay.yaml:8: destinations.out.path: environment variable RELAY_TEST_UNSET_VAR is not set"]
+
+
+@pytest.mark.parametrize(("text", "line", "phrase"), [
+    (GOOD + "    drop_fields: " + "[" * 3000 + "]" * 3000 + "\n", 9, "invalid YAML: nested too deeply"),
+    ("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]\n" for i in range(6)) + GOOD, 1,
+     "expands to more than 100,000 keys and values"),
+], ids=["deep nesting", "alias bomb"])
+def test_hostile_yaml_is_refused_with_a_line(text: str, line: int, phrase: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        make_config(text, env={})
+    [issue] = info.value.issues
+    assert issue.line == line and phrase in issue.message
+
+
+def test_unreadable_bytes_are_config_errors_with_a_line(tmp_path: Path) -> None:
+    (tmp_path / "relay.yaml").write_bytes(GOOD.replace("/tmp/out.jsonl", "${file:token}").encode()
+                                          .replace(b"state_dir: /tmp", b"state_dir: /t\xe9mp"))
+    (tmp_path / "token").write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "relay.yaml", registry(), {})
+    assert str(info.value.issues[0]).endswith("relay.yaml:1: the configuration is not UTF-8 text "
+                                              "(invalid continuation byte, byte 0xe9)")
+    (tmp_path / "relay.yaml").write_text(GOOD.replace("/tmp/out.jsonl", "${file:token}"))
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "relay.yaml", registry(), {})
+    assert [i.message for i in info.value.issues] == ["cannot read ${file:token}: it is not UTF-8 text"]
+
+
+def test_env_file_problems_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read the environment file: No such file"):
+        read_env_file(tmp_path / "missing.env")
+    (tmp_path / "bad.env").write_bytes(b"A=1\nB=\xff\n")
+    with pytest.raises(ConfigError) as info:
+        read_env_file(tmp_path / "bad.env")
+    assert str(info.value.issues[0]).endswith("bad.env:2: the environment file is not UTF-8 text")
+
+
+@pytest.mark.parametrize(("auth", "expected"), [
+    ({"token": "t", "mode": "c"}, ["relay.yaml: sources.push.auth.mode: Input should be 'a' or 'b'"]),
+    ({"tokn": "t"}, ["relay.yaml: sources.push.auth.tokn: unknown key (did you mean 'token'?)",
+                     "relay.yaml: sources.push.auth.token: required key is missing"]),
+    ("nothing", ["relay.yaml: sources.push.auth: Input should be 'none'"]),
+])
+def test_a_union_setting_is_reported_as_the_member_the_input_fits(auth: object, expected: list[str]) -> None:
+    """`auth: none | {...}`: pydantic reports every member and puts their tags in the key path
+    (`auth.function-after[...]`); only the member the input's shape fits is meant."""
+    class Credentials(Settings):
+        token: str
+        mode: Literal["a", "b"] = "a"
+
+    class UnionSettings(Settings):
+        auth: Literal["none"] | Credentials
+
+    issues: list[Any] = []
+    _validate(UnionSettings, {"auth": auth}, ("sources", "push"), LoadedYaml({}, "relay.yaml"), issues)
+    assert sorted(str(i) for i in issues) == sorted(expected)
 
 
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:

@@ -177,3 +177,20 @@ async def test_describe_sees_the_boundaries_that_are_recorded(tmp_path: Path, sc
     assert len(script.batches) > 1, "the byte limit cut the entries into several batches"
     for batch in script.batches:
         assert batch.attributes == {"id": batch.id, "entries": str(len(batch))}
+
+
+async def test_reasons_that_echo_a_secret_are_stored_masked(tmp_path: Path, script: scripted.Script) -> None:
+    """A peer's error page may quote a credential; the journal (read by `relay status` and `relay dlq` in other
+    processes, out of the log scrubber's reach) must only ever hold it masked."""
+    secret = relay.Secret("tok-5e1f-delivery-secret")
+    script.answers = [relay.Halted(f"HTTP 403: bad token {secret.reveal()}"),
+                      relay.Rejected({0: f"HTTP 413: entry too large (auth {secret.reveal()})"})]
+    async with running_relay(_config(tmp_path)) as service:
+        loop = service.destinations["out"].loop
+        await service.sources["in"].intake.submit(_entries(2))
+        with trio.fail_after(30):
+            await loop.wait_state("halted")
+            assert destination_row(tmp_path / "state", "out")["state_reason"] == "HTTP 403: bad token ********"
+            await loop.wait_offset(2)
+    [(seq, reason, _)] = dead_letters(tmp_path / "state", "out")
+    assert (seq, reason) == (1, "HTTP 413: entry too large (auth ********)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -83,6 +84,29 @@ async def test_invalid_entries_are_quarantined_with_the_field_and_the_rest_accep
     assert rows[5][2] == b'"not an object"', "the input itself is kept"
 
 
+async def test_values_json_cannot_hold_are_quarantined_not_altered_or_raised(tmp_path: Path) -> None:
+    """A source plugin hands over Python values: NaN would be written as null, and a value nested 10,000
+    deep made quarantining it raise RecursionError out of submit()."""
+    deep: dict[str, object] = {}
+    level = deep
+    for _ in range(10_000):
+        level["x"] = level = {}
+    items = [entry(context={"score": float("nan")}), entry(context={"tree": deep}), deep, entry(context={1: b"\xff"})]
+    async with open_journal(tmp_path) as journal:
+        result = await JournalIntake("plugin", journal, None).submit(items)
+    assert (result.accepted, result.quarantined) == (0, 4)
+    reasons = dict(result.problems)
+    assert reasons[0] == "entry 0: context.score: NaN and Infinity cannot be represented as JSON"
+    assert reasons[1] == "entry 1: cannot be represented as JSON: Recursion limit reached"
+    assert reasons[2] == "entry 2: action: missing"
+    assert reasons[3] == "entry 3: cannot be represented as JSON: Dict key must be str"
+    with journal_db(tmp_path) as db:
+        kept = [r[0] for r in db.execute("SELECT data FROM quarantine ORDER BY id")]
+    assert kept[0].startswith(b'{"action":"api_key.created"') and b'"score":null' in kept[0]
+    assert kept[1].startswith(b"{'action': 'api_key.created'") and len(kept[1]) < 100_000
+    assert b'"1":"b' in kept[3], "keys and bytes JSON cannot hold are kept as text"
+
+
 async def test_unknown_actions_and_fields_pass_through_unchanged(tmp_path: Path) -> None:
     future = entry("quantum_router.teleported", version=7, actor={"type": "robot", "id": "r1"}, hologram={"x": 1})
     async with open_journal(tmp_path) as journal:
@@ -154,6 +178,38 @@ async def test_full_journal_pauses_sources_until_delivery_frees_space(tmp_path: 
     assert sorted(e.seq for e in script.delivered) == list(range(1, 6001))
     with journal_db(tmp_path / "state") as db:
         assert db.execute("SELECT cursor FROM sources WHERE name = 'demo'").fetchone()[0] == "6000"
+
+
+async def test_a_full_disk_refuses_intake_and_holds_bookkeeping_until_space_returns(
+        tmp_path: Path, script: scripted.Script, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLITE_FULL while a batch is in flight: its outcome waits to be recorded (the relay stays up), intake
+    is refused with the reason, and everything goes on once space returns. Here SQLite's error is injected
+    at the group commit; tests/reliability/test_disk_full.py fills a real filesystem."""
+    script.gate = trio.Event()
+    config = make_config(config_dict(tmp_path, {"in": {"type": "manual"}},
+                                     {"out": {"type": "scripted", "script": "main"}}), extra=[scripted])
+    async with running_relay(config) as service:
+        journal, intake, loop = service.journal, service.sources["in"].intake, service.destinations["out"].loop
+        await intake.submit([entry(id=f"evt_{i}") for i in range(5)])
+        await script.wait(lambda s: s.attempts == 1)
+        run_group = journal._run_group
+        disk_full = sqlite3.OperationalError("database or disk is full")
+        monkeypatch.setattr(journal, "_run_group", lambda ops: journal._fail_all(ops, disk_full))
+        with pytest.raises(relay.JournalUnavailable, match="disk is full"):
+            await intake.submit([entry(id="evt_refused")])
+        assert not intake.writable
+        script.gate.set()
+        await script.wait(lambda s: len(s.delivered) == 5)
+        with trio.move_on_after(1.5):  # the outcome is retried while the disk stays full
+            await loop.wait_offset(5)
+        assert loop.offset == 0 and journal.running, "waiting for space, not crashed"
+        monkeypatch.setattr(journal, "_run_group", run_group)
+        with trio.fail_after(10):
+            await loop.wait_offset(5)
+            await journal.wait_writable()
+        assert (await intake.submit([entry(id="evt_after")])).accepted == 1
+        with trio.fail_after(10):
+            await loop.wait_offset(6)
 
 
 async def test_a_full_journal_at_start_prunes_nothing_undelivered(tmp_path: Path) -> None:
