@@ -132,7 +132,8 @@ def main() -> None:
         if data is None:
             data = tmp / "data.jsonl"
             write_data(data, args.n)
-        n = sum(1 for _ in open(data, "rb"))
+        with open(data, "rb") as f:
+            n = sum(1 for _ in f)
         runs = []
         for rep in range(args.reps):
             run_dir = tmp / f"run{rep}"

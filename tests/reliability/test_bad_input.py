@@ -143,7 +143,7 @@ def test_every_item_is_accepted_unchanged_or_quarantined_with_its_index(tmp_path
         for index, item in enumerate(items):
             if index in problems:
                 continue
-            stored = db.execute("SELECT data FROM entries WHERE key = ?", (identity_key(item),)).fetchone()
+            stored = db.execute("SELECT data FROM entries WHERE digest = ?", (identity_key(item),)).fetchone()
             assert stored is not None, f"entry {index} was accepted but is not in the journal"
             if result.duplicates == 0:
                 assert stored[0] == orjson.dumps(item), "an accepted entry is stored exactly as given"
