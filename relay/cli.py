@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import signal
 import sys
 import time
@@ -26,6 +25,7 @@ from relay.config import Config, load_config
 from relay.errors import ConfigError, JournalError, PluginError, RelayError
 from relay.logs import configure_logging
 from relay.plugins import Registry, load_registry
+from relay.process import raise_open_files_limit, tune_garbage_collector
 from relay.yamlfile import load_yaml, read_env_file, substitute
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
@@ -133,21 +133,6 @@ def load(args: argparse.Namespace, env: dict[str, str] | None = None) -> tuple[C
     return load_config(args.config, registry, env), registry
 
 
-def raise_open_files_limit() -> None:
-    """Take the hard limit of open files as the soft one. Every connection to a push receiver is a file
-    descriptor, and systemd's default soft limit is 1024: that many idle or slow clients would leave
-    none for valid senders (and for the journal and the destinations' connections)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
-    if soft != resource.RLIM_INFINITY and soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError) as exc:  # a sandbox may refuse; the relay works with what it has
-            structlog.get_logger("relay").warning("open_files_limit_unchanged", soft=soft, hard=hard, error=str(exc))
-            return
-        structlog.get_logger("relay").info("open_files_limit_raised", previous=soft, now=target)
-
-
 @command("run")
 def cmd_run(args: argparse.Namespace) -> int:
     from relay.sdnotify import Notifier
@@ -156,6 +141,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config, _ = load(args)
     configure_logging(config.log.level, config.log.format)
     raise_open_files_limit()
+    tune_garbage_collector()
     service = Service(config, loader=lambda: load(args)[0], notifier=Notifier.from_environment())
 
     async def main() -> None:
@@ -275,6 +261,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     config, registry = load(args)
     # Progress is drawn on the terminal; only warnings and errors are logged beside it.
     configure_logging("warning" if config.log.level in ("debug", "info") else config.log.level, config.log.format)
+    tune_garbage_collector()
     return import_file(config, registry, args.source, Path(args.file), args.format)
 
 
