@@ -10,7 +10,12 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import reprlib
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
+from functools import cache
 from typing import Any, NamedTuple
 
 import orjson
@@ -18,7 +23,8 @@ import orjson
 from relay.catalog import ACTOR_TYPES, ENTRY_FIELDS, known_versions
 from relay.errors import EntryError
 
-__all__ = ["NewEntry", "identity_key", "parse_occurred_at", "prepare", "short_key"]
+__all__ = ["NewEntry", "Prepared", "action_family", "identity_key", "parse_occurred_at", "prepare", "prepare_batch",
+           "short_key"]
 
 _RFC3339 = re.compile(
     r"^(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$"
@@ -157,3 +163,72 @@ def prepare(value: Any) -> NewEntry:
     return NewEntry(short_key(digest), digest, data, occurred_at, action, actor["type"],
                     ",".join(sorted(target_types)) if len(target_types) > 1 else "".join(target_types),
                     tuple(unrecognized))
+
+
+@dataclass
+class Prepared:
+    """A batch of input, validated: what goes into the journal and what into quarantine."""
+
+    accepted: list[NewEntry]
+    quarantined: list[tuple[str, bytes]]
+    """`(reason, raw input)` for each invalid item."""
+    problems: list[tuple[int, str]]
+    """`(index in the input, reason)` for each invalid item."""
+    families: Counter[str]
+    """Accepted entries per action family (for the metric)."""
+    unrecognized: Counter[str]
+
+    def __len__(self) -> int:
+        return len(self.accepted) + len(self.quarantined)
+
+
+def prepare_batch(items: Sequence[Any], labels: Sequence[str] | None = None,
+                  raws: Sequence[bytes] | None = None) -> Prepared:
+    """Validate `items`; an invalid one is reported under `labels[i]` (default "entry i") and kept as
+    `raws[i]` (default its JSON). (Measured: running this in a worker thread, beside the journal's commit,
+    is slower than on the event loop: the two threads then fight over the GIL.)"""
+    accepted: list[NewEntry] = []
+    quarantined: list[tuple[str, bytes]] = []
+    problems: list[tuple[int, str]] = []
+    append = accepted.append
+    for index, item in enumerate(items):
+        try:
+            append(prepare(item))
+        except EntryError as exc:
+            reason = f"{labels[index] if labels is not None else f'entry {index}'}: {exc}"
+            problems.append((index, reason))
+            quarantined.append((reason, raws[index] if raws is not None else _raw(item)))
+    families = Counter(action_family(e.action) for e in accepted)
+    unrecognized = Counter(kind for e in accepted if e.unrecognized for kind in e.unrecognized)
+    return Prepared(accepted, quarantined, problems, families, unrecognized)
+
+
+_REPR = reprlib.Repr()
+"""For quarantining what JSON cannot hold: bounded in depth and size, so a hostile value cannot exhaust
+the stack (plain `repr` of a value nested 10,000 deep raises RecursionError) or memory."""
+_REPR.maxlevel = 64
+_REPR.maxdict = _REPR.maxlist = _REPR.maxtuple = _REPR.maxset = _REPR.maxother = 10_000
+_REPR.maxstring, _REPR.maxlong = 1_000_000, 1_000
+
+
+def _raw(item: Any) -> bytes:
+    """The bytes kept in quarantine for an item that failed validation: JSON when possible."""
+    try:
+        return orjson.dumps(item)
+    except (TypeError, orjson.JSONEncodeError):
+        pass
+    try:  # keys that are not strings, bytes, sets, 100-digit numbers: as JSON, with such values as repr()
+        return orjson.dumps(item, default=repr, option=orjson.OPT_NON_STR_KEYS)
+    except (TypeError, orjson.JSONEncodeError):
+        return _REPR.repr(item).encode("utf-8", "backslashreplace")
+
+
+def action_family(action: str) -> str:
+    """`api_key.created` -> `api_key`; families not in the catalog become `other` (bounded metric labels)."""
+    family = action.split(".", 1)[0]
+    return family if family in _known_families() else "other"
+
+
+@cache
+def _known_families() -> frozenset[str]:
+    return frozenset(action.split(".", 1)[0] for action in known_versions())

@@ -2,39 +2,17 @@
 
 from __future__ import annotations
 
-import reprlib
 import time
-from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-import orjson
 import trio
 
 from relay import metrics
-from relay.entry import NewEntry, prepare
-from relay.errors import EntryError, JournalUnavailable
+from relay.entry import prepare_batch
+from relay.errors import JournalUnavailable
 from relay.journal import Journal
 from relay.source import UNCHANGED, SubmitResult
-
-_REPR = reprlib.Repr()
-"""For quarantining what JSON cannot hold: bounded in depth and size, so a hostile value cannot exhaust
-the stack (plain `repr` of a value nested 10,000 deep raises RecursionError) or memory."""
-_REPR.maxlevel = 64
-_REPR.maxdict = _REPR.maxlist = _REPR.maxtuple = _REPR.maxset = _REPR.maxother = 10_000
-_REPR.maxstring, _REPR.maxlong = 1_000_000, 1_000
-
-
-def _raw(item: Any) -> bytes:
-    """The bytes kept in quarantine for an item that failed validation: JSON when possible."""
-    try:
-        return orjson.dumps(item)
-    except (TypeError, orjson.JSONEncodeError):
-        pass
-    try:  # keys that are not strings, bytes, sets, 100-digit numbers: as JSON, with such values as repr()
-        return orjson.dumps(item, default=repr, option=orjson.OPT_NON_STR_KEYS)
-    except (TypeError, orjson.JSONEncodeError):
-        return _REPR.repr(item).encode("utf-8", "backslashreplace")
 
 
 class JournalIntake:
@@ -66,19 +44,9 @@ class JournalIntake:
         await trio.lowlevel.checkpoint()
         if self._closed:
             raise JournalUnavailable("the relay is stopping", retry_after=5.0)
-        accepted: list[NewEntry] = []
-        quarantined: list[tuple[str, bytes]] = []
-        problems: list[tuple[int, str]] = []
-        append = accepted.append
-        for index, item in enumerate(items):
-            try:
-                append(prepare(item))
-            except EntryError as exc:
-                reason = f"{labels[index] if labels is not None else f'entry {index}'}: {exc}"
-                problems.append((index, reason))
-                quarantined.append((reason, raws[index] if raws is not None else _raw(item)))
+        batch = prepare_batch(items, labels, raws)
         try:
-            inserted = await self._journal.append(self.source, accepted, quarantined, cursor,
+            inserted = await self._journal.append(self.source, batch.accepted, batch.quarantined, cursor,
                                                   keep_cursor=cursor is UNCHANGED)
         except JournalUnavailable as exc:
             reason = "full" if "full" in exc.reason else "unavailable"
@@ -87,15 +55,14 @@ class JournalIntake:
         if cursor is not UNCHANGED:
             self._cursor = cursor
         self.last_success_at = time.time()
-        families = Counter(metrics.action_family(e.action) for e in accepted)
-        for family, count in families.items():
+        for family, count in batch.families.items():
             metrics.source_received.labels(self.source, family).inc(count)
-        unrecognized = Counter(kind for e in accepted for kind in e.unrecognized)
-        for kind, count in unrecognized.items():
+        for kind, count in batch.unrecognized.items():
             metrics.source_unrecognized.labels(self.source, kind).inc(count)
-        self._m_duplicates.inc(len(accepted) - inserted)
-        self._m_quarantined.inc(len(quarantined))
-        return SubmitResult(inserted, len(accepted) - inserted, len(quarantined), tuple(problems))
+        duplicates = len(batch.accepted) - inserted
+        self._m_duplicates.inc(duplicates)
+        self._m_quarantined.inc(len(batch.quarantined))
+        return SubmitResult(inserted, duplicates, len(batch.quarantined), tuple(batch.problems))
 
     async def quarantine(self, raw: bytes, reason: str) -> None:
         await self._journal.quarantine(self.source, reason, raw)

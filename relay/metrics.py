@@ -12,14 +12,11 @@ import platform
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from functools import cache
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-
-from relay.catalog import known_versions
 
 if TYPE_CHECKING:
     from relay.delivery import DestinationSnapshot
@@ -88,17 +85,6 @@ build_info = Info(f"{PREFIX}build", "The running audit-relay's version.", regist
 batch_entries = Histogram(
     f"{PREFIX}destination_batch_entries", "Entries per batch handed to the destination.", ["destination"],
     buckets=(1, 5, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 50000), registry=REGISTRY)
-
-
-@cache
-def _families() -> frozenset[str]:
-    return frozenset(action.split(".", 1)[0] for action in known_versions())
-
-
-def action_family(action: str) -> str:
-    """`api_key.created` -> `api_key`; families not in the catalog become `other` (bounded labels)."""
-    family = action.split(".", 1)[0]
-    return family if family in _families() else "other"
 
 
 def set_build_info(version: str) -> None:
