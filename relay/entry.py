@@ -81,7 +81,7 @@ def _json_type(value: Any) -> str:
 def identity_key(value: dict[str, Any]) -> bytes:
     """The SHA-256 of the entry's `id` when the source supplies one, else of its canonical JSON."""
     entry_id = value.get("id")
-    if isinstance(entry_id, str | int) and not isinstance(entry_id, bool) and entry_id != "":
+    if isinstance(entry_id, (str, int)) and not isinstance(entry_id, bool) and entry_id != "":
         return _sha256(b"id:" + str(entry_id).encode()).digest()
     return _sha256(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)).digest()
 
