@@ -23,6 +23,8 @@ import orjson
 import trio
 import yaml
 
+from bench_peer import TOKEN as HEC_TOKEN
+from bench_peer import start_receiver, stats
 from common import ROOT, Report, cpu_seconds, peak_rss_bytes
 from relay_plugins.demo import DemoSource
 
@@ -47,7 +49,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def push(url: str, payloads: list[bytes], concurrency: int, compress: bool) -> tuple[float, list[float], int]:
+async def push(url: str, payloads: list[bytes], concurrency: int, compress: bool,
+               rate: float | None = None) -> tuple[float, list[float], int]:
+    """Send every payload; closed loop (as fast as answers come), or open loop at `rate` requests/s."""
     latencies: list[float] = []
     accepted = 0
     queue = list(reversed(payloads))
@@ -57,10 +61,16 @@ async def push(url: str, payloads: list[bytes], concurrency: int, compress: bool
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
 
     async with httpx.AsyncClient(headers=headers, limits=limits, timeout=60) as client:
+        start_time = trio.current_time()
+        sent = 0
+
         async def worker() -> None:
-            nonlocal accepted
+            nonlocal accepted, sent
             while queue:
                 body = queue.pop()
+                if rate is not None:  # open loop: request i goes out at i / rate, whatever the answers do
+                    sent += 1
+                    await trio.sleep_until(start_time + sent / rate)
                 started = time.perf_counter()
                 response = await client.post(url, content=body)
                 latencies.append(time.perf_counter() - started)
@@ -81,15 +91,23 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
-def run(report: Report, requests: int, concurrency: int, compress: bool) -> None:
+def run(report: Report, requests: int, concurrency: int, compress: bool, hec: bool = False,
+        rate: float | None = None) -> float:
     payloads = bodies(requests, compress=compress)
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
         config = Path(tmp) / "relay.yaml"
+        destinations = {}
+        receiver = None
+        if hec:
+            receiver, hec_url, _ = start_receiver(Path(tmp))
+            destinations = {"splunk": {"type": "splunk_hec", "url": hec_url, "token": HEC_TOKEN,
+                                       "compression": "none"}}
         config.write_text(yaml.safe_dump({
             "state_dir": str(Path(tmp) / "state"), "log": {"format": "json", "level": "warning"},
             "metrics": {"listen": None},
             "sources": {"push": {"type": "http", "listen": f"127.0.0.1:{port}", "auth": {"bearer_tokens": [TOKEN]}}},
+            "destinations": destinations,
         }))
         proc = subprocess.Popen([sys.executable, "-m", "relay", "run", "--config", str(config)], cwd=ROOT)
         try:
@@ -105,18 +123,30 @@ def run(report: Report, requests: int, concurrency: int, compress: bool) -> None
                     raise SystemExit("the relay did not start")
                 time.sleep(0.1)
             cpu_before = cpu_seconds(proc.pid)
-            elapsed, latencies, accepted = trio.run(push, url, payloads, concurrency, compress)
+            wall_start = time.time()
+            elapsed, latencies, accepted = trio.run(push, url, payloads, concurrency, compress, rate)
+            if receiver is not None:  # end to end: until the HEC receiver has every entry
+                while stats(hec_url)["events"] < accepted:
+                    time.sleep(0.02)
+                if rate is None:
+                    elapsed = stats(hec_url)["last_event_at"] - wall_start
             cpu = cpu_seconds(proc.pid) - cpu_before
             rss = peak_rss_bytes(proc.pid)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
+            if receiver is not None:
+                receiver.terminate()
+                receiver.wait(timeout=30)
     label = f"{concurrency} client{'s' * (concurrency > 1)}{', gzip' if compress else ''}"
+    label += " -> splunk_hec" if hec else ""
+    label += f", open loop at {rate * PER_REQUEST:,.0f} entries/s" if rate else ""
     report.add(f"accepted, {label}", accepted / elapsed, "entries/s")
     report.add(f"  request latency p50, {label}", percentile(latencies, 0.50) * 1000, "ms")
     report.add(f"  request latency p99, {label}", percentile(latencies, 0.99) * 1000, "ms")
     report.add(f"  relay CPU per entry, {label}", cpu / accepted * 1e6, "us")
     report.add(f"  relay peak RSS, {label}", rss / 1048576, "MiB")
+    return accepted / elapsed
 
 
 def main() -> None:
@@ -124,9 +154,17 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000, help="requests per run (100 entries each)")
     parser.add_argument("--concurrency", default="1,16", help="comma-separated client counts")
     parser.add_argument("--gzip", action="store_true", help="also a run with gzip bodies")
+    parser.add_argument("--hec", action="store_true",
+                        help="end to end into splunk_hec, then p99 at half of that rate (the issue-9 figure)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     report = Report("http_receiver")
+    if args.hec:
+        top = max(int(c) for c in args.concurrency.split(","))
+        full = run(report, args.requests, top, compress=False, hec=True)
+        run(report, args.requests, top, compress=False, hec=True, rate=full / 2 / PER_REQUEST)
+        report.print()
+        return
     for concurrency in (int(c) for c in args.concurrency.split(",")):
         run(report, args.requests, concurrency, compress=False)
     if args.gzip:
