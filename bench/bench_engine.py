@@ -93,6 +93,39 @@ def end_to_end(n: int, report: Report) -> None:
         report.add("  peak RSS", rss / 1048576, "MiB")
 
 
+def import_to_file(n: int, report: Report) -> None:
+    """The `file` destination end to end: a JSONL file imported, journaled and written out again."""
+    from bench_peer import write_data
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data, out, config = Path(tmp) / "data.jsonl", Path(tmp) / "out.jsonl", Path(tmp) / "relay.yaml"
+        write_data(data, n)
+        config.write_text(yaml.safe_dump({
+            "state_dir": str(Path(tmp) / "state"), "log": {"format": "json", "level": "warning"},
+            "metrics": {"listen": None},
+            "sources": {"backfill": {"type": "file", "path": str(data)}},
+            "destinations": {"out": {"type": "file", "path": str(out)}},
+        }))
+        started = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "relay", "run", "--config", str(config)], cwd=ROOT)
+        lines, rss = 0, 0
+        while lines < n:
+            time.sleep(0.05)
+            rss = max(rss, peak_rss_bytes(proc.pid))
+            if out.exists():
+                with open(out, "rb") as f:
+                    lines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+            if proc.poll() is not None:
+                raise SystemExit(f"relay exited with {proc.returncode}")
+        elapsed = time.perf_counter() - started
+        cpu = cpu_seconds(proc.pid)
+        proc.terminate()
+        proc.wait(timeout=60)
+    report.add(f"file import -> journal -> file, {n:,} entries (incl. start-up)", n / elapsed, "entries/s")
+    report.add("  relay CPU per entry", cpu / n * 1e6, "us")
+    report.add("  peak RSS", rss / 1048576, "MiB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=100_000)
@@ -102,6 +135,7 @@ def main() -> None:
     entries = make_entries(args.n)
     trio.run(journal_rates, entries, report)
     end_to_end(args.n, report)
+    import_to_file(args.n, report)
     report.print()
 
 
