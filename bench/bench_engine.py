@@ -62,48 +62,17 @@ async def _writer(journal: Journal, intake: JournalIntake, chunks: list[list], v
             await journal.append("bench", part, (), None, keep_cursor=True)
 
 
-def end_to_end(n: int, report: Report) -> None:
+def to_file(label: str, n: int, source: dict[str, object], report: Report, data: Path | None = None) -> None:
+    """`relay run` with `source` and a `file` destination, timed until the file holds N lines."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "out.jsonl"
-        config = Path(tmp) / "relay.yaml"
+        out, config = Path(tmp) / "out.jsonl", Path(tmp) / "relay.yaml"
+        if data is not None:
+            from bench_peer import write_data
+
+            write_data(data, n)
         config.write_text(yaml.safe_dump({
             "state_dir": str(Path(tmp) / "state"), "log": {"format": "json", "level": "warning"},
-            "metrics": {"listen": None},
-            "sources": {"demo": {"type": "demo", "rate": 1_000_000, "count": n, "seed": 1}},
-            "destinations": {"out": {"type": "file", "path": str(out)}},
-        }))
-        started = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "relay", "run", "--config", str(config)], cwd=ROOT)
-        lines = 0
-        rss = 0
-        while lines < n:
-            time.sleep(0.05)
-            rss = max(rss, peak_rss_bytes(proc.pid))
-            if out.exists():
-                with open(out, "rb") as f:
-                    lines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
-            if proc.poll() is not None:
-                raise SystemExit(f"relay exited with {proc.returncode}")
-        elapsed = time.perf_counter() - started
-        cpu = cpu_seconds(proc.pid)
-        proc.terminate()
-        proc.wait(timeout=60)
-        report.add(f"demo -> journal -> file, {n:,} entries (incl. start-up)", n / elapsed, "entries/s")
-        report.add("  relay CPU per entry", cpu / n * 1e6, "us")
-        report.add("  peak RSS", rss / 1048576, "MiB")
-
-
-def import_to_file(n: int, report: Report) -> None:
-    """The `file` destination end to end: a JSONL file imported, journaled and written out again."""
-    from bench_peer import write_data
-
-    with tempfile.TemporaryDirectory() as tmp:
-        data, out, config = Path(tmp) / "data.jsonl", Path(tmp) / "out.jsonl", Path(tmp) / "relay.yaml"
-        write_data(data, n)
-        config.write_text(yaml.safe_dump({
-            "state_dir": str(Path(tmp) / "state"), "log": {"format": "json", "level": "warning"},
-            "metrics": {"listen": None},
-            "sources": {"backfill": {"type": "file", "path": str(data)}},
+            "metrics": {"listen": None}, "sources": {"in": source},
             "destinations": {"out": {"type": "file", "path": str(out)}},
         }))
         started = time.perf_counter()
@@ -121,7 +90,7 @@ def import_to_file(n: int, report: Report) -> None:
         cpu = cpu_seconds(proc.pid)
         proc.terminate()
         proc.wait(timeout=60)
-    report.add(f"file import -> journal -> file, {n:,} entries (incl. start-up)", n / elapsed, "entries/s")
+    report.add(f"{label}, {n:,} entries (incl. start-up)", n / elapsed, "entries/s")
     report.add("  relay CPU per entry", cpu / n * 1e6, "us")
     report.add("  peak RSS", rss / 1048576, "MiB")
 
@@ -134,8 +103,11 @@ def main() -> None:
     report = Report("engine")
     entries = make_entries(args.n)
     trio.run(journal_rates, entries, report)
-    end_to_end(args.n, report)
-    import_to_file(args.n, report)
+    to_file("demo -> journal -> file", args.n, {"type": "demo", "rate": 1_000_000, "count": args.n, "seed": 1},
+            report)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data.jsonl"
+        to_file("file import -> journal -> file", args.n, {"type": "file", "path": str(data)}, report, data)
     report.print()
 
 

@@ -18,9 +18,10 @@ from relay.journal_schema import JOURNAL_FILE
 
 
 @asynccontextmanager
-async def open_journal(state_dir: Path, max_size: int = 1 << 30) -> AsyncIterator[Journal]:
+async def open_journal(state_dir: Path, max_size: int = 1 << 30, retention: float = 86400.0
+                       ) -> AsyncIterator[Journal]:
     """A running journal (writer task included) until the block ends."""
-    journal = Journal(state_dir, max_size=max_size, retention=86400.0)
+    journal = Journal(state_dir, max_size=max_size, retention=retention)
     await journal.open()
     try:
         async with trio.open_nursery() as nursery:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -12,22 +10,9 @@ import trio
 
 import relay
 from relay.intake import JournalIntake
-from relay.journal import Journal
 from tests import scripted
 from tests.helpers import config_dict, entry, journal_db, make_config, running_relay
-
-
-@asynccontextmanager
-async def open_journal(path: Path, max_size: int = 1 << 30, retention: float = 3600) -> AsyncIterator[Journal]:
-    journal = Journal(path, max_size=max_size, retention=retention)
-    await journal.open()
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(journal.run)
-            yield journal
-            nursery.cancel_scope.cancel()
-    finally:
-        await journal.close()
+from tests.journal_harness import open_journal
 
 
 async def test_same_entry_twice_is_journaled_once(tmp_path: Path) -> None:
