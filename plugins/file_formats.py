@@ -18,6 +18,7 @@ from typing import Any, BinaryIO, Literal
 import orjson
 
 from relay.catalog import ENTRY_FIELDS
+from relay.entry import loads
 
 __all__ = ["MAX_RECORD", "Chunk", "CsvReader", "Format", "JsonArrayReader", "JsonlReader", "detect", "open_reader"]
 
@@ -98,7 +99,7 @@ class JsonlReader:
             if not text:
                 continue
             try:
-                chunk.items.append(orjson.loads(text))
+                chunk.items.append(loads(text))
             except orjson.JSONDecodeError as exc:
                 where = f"line {self.records} (byte {start})"
                 chunk.bad.append((line.rstrip(b"\r\n"), f"{where} is not valid JSON: {exc.msg} at column {exc.colno}"))

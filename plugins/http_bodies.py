@@ -13,6 +13,8 @@ from typing import Any
 
 import orjson
 
+from relay.entry import loads
+
 __all__ = ["NDJSON_TYPES", "BodyCollector", "BodyError", "BodyTooLarge", "inflate", "parse_entries"]
 
 NDJSON_TYPES = frozenset({
@@ -113,7 +115,7 @@ def parse_entries(body: bytes, content_type: str = "", max_entries: int | None =
     if media_type in NDJSON_TYPES:
         return _limit(_parse_ndjson(body, max_entries), max_entries)
     try:
-        value = orjson.loads(body)
+        value = loads(body)
     except orjson.JSONDecodeError as exc:
         after_first = exc.msg.startswith("unexpected content after document")
         if after_first and b"\n" in body[:_byte_pos(exc.pos, body) + 1]:
@@ -138,7 +140,7 @@ def _parse_ndjson(body: bytes, max_entries: int | None) -> list[Any]:
         text = line.strip()
         if text:
             try:
-                values.append(orjson.loads(text))
+                values.append(loads(text))
             except orjson.JSONDecodeError as exc:
                 lead = len(line) - len(line.lstrip())
                 raise BodyError(f"NDJSON line {number} (starting at byte {offset}) is not valid JSON: "

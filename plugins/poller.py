@@ -34,7 +34,7 @@ import trio
 from pydantic import Field, field_validator, model_validator
 
 import relay
-from relay.entry import parse_occurred_at
+from relay.entry import loads, parse_occurred_at
 from relay.retry import Backoff, parse_retry_after
 
 STATES = ("polling", "waiting", "paused", "backoff", "halted")
@@ -249,7 +249,7 @@ class PollSource(relay.Source):
 
     def _page(self, response: httpx.Response, position: Position) -> Page | Halt:
         try:
-            body = orjson.loads(response.content)
+            body = loads(response.content)
         except orjson.JSONDecodeError as exc:
             kind = response.headers.get("content-type", "no content type")
             return Halt(f"the response from {self._endpoint} is not JSON ({kind}): {exc.msg}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import orjson
 import pytest
 import trio
 
@@ -223,3 +224,14 @@ async def test_a_64_bit_key_collision_keeps_both_entries(tmp_path: Path) -> None
     with journal_db(tmp_path) as db:
         rows = db.execute("SELECT key, action FROM entries ORDER BY seq").fetchall()
     assert rows == [(first.key, "api_key.created"), (None, "user.created")]
+
+
+async def test_numbers_beyond_64_bits_are_quarantined_not_rounded(tmp_path: Path) -> None:
+    """orjson would turn 2**64 into a float without a word; the entry must not change silently."""
+    from relay.entry import loads
+
+    raw = orjson.dumps(entry())[:-1] + b',"metadata":{"count":18446744073709551616}}'
+    async with open_journal(tmp_path) as journal:
+        result = await JournalIntake("push", journal, None).submit([loads(raw)])
+    assert (result.accepted, result.quarantined) == (0, 1)
+    assert "64-bit" in result.problems[0][1]
