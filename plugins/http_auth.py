@@ -91,11 +91,6 @@ class Authenticator:
         if settings is not None and settings.bearer and not self._tokens:
             raise ValueError("bearer authentication is configured but no token was loaded")
 
-    @property
-    def needs_body(self) -> bool:
-        """A signature covers the body, so it can only be checked once the body is read."""
-        return self._secret is not None
-
     def describe(self) -> str:
         if self.settings is None:
             return "none"

@@ -42,6 +42,7 @@ from pydantic import Field, field_validator, model_validator
 
 import relay
 from relay.retry import parse_retry_after
+from relay.tls import untrusted_certificate
 
 __all__ = ["S3Destination", "S3Settings"]
 
@@ -389,12 +390,9 @@ class S3Destination(relay.Destination):
 
 def _transport_failure(where: str, exc: httpx.TransportError) -> relay.Halted | relay.RetryLater:
     """Network trouble is retried; a certificate this host does not trust needs someone to act."""
-    cause: BaseException | None = exc
-    while cause is not None:
-        if isinstance(cause, ssl.SSLCertVerificationError):
-            return relay.Halted(f"{where}: the server's TLS certificate is not trusted ({cause.verify_message}); "
-                                "for a private CA, set tls.ca_file")
-        cause = cause.__cause__ or cause.__context__
+    if (cause := untrusted_certificate(exc)) is not None:
+        return relay.Halted(f"{where}: the server's TLS certificate is not trusted ({cause.verify_message}); "
+                            "for a private CA, set tls.ca_file")
     return relay.RetryLater(f"{where}: {type(exc).__name__}: {exc}")
 
 

@@ -37,6 +37,7 @@ import trio
 from pydantic import Field, FilePath, field_validator, model_validator
 
 import relay
+from relay.tls import untrusted_certificate
 
 from .hec_acks import AckTracker, PollAnswer
 from .hec_protocol import EnvelopeEncoder, Reply, judge, read_acks, read_reply
@@ -285,12 +286,9 @@ class SplunkHecDestination(relay.Destination):
 
     def _transport_failure(self, exc: httpx.HTTPError) -> relay.RetryLater | relay.Halted:
         detail = str(exc).replace(self._token, "********") or type(exc).__name__
-        cause: BaseException | None = exc
-        while cause is not None:
-            if isinstance(cause, ssl.SSLCertVerificationError):
-                return relay.Halted(f"TLS: the certificate of {self._where()} is not trusted "
-                                    f"({cause.verify_message}); set tls.ca_file to the CA that signed it")
-            cause = cause.__cause__ or cause.__context__
+        if (cause := untrusted_certificate(exc)) is not None:
+            return relay.Halted(f"TLS: the certificate of {self._where()} is not trusted "
+                                f"({cause.verify_message}); set tls.ca_file to the CA that signed it")
         if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
             return relay.Halted(f"cannot use url {self.settings.url}: {detail}")
         return relay.RetryLater(f"{self._where()}: {type(exc).__name__}: {detail}")

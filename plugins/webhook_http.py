@@ -29,6 +29,7 @@ import httpx
 import trio
 
 import relay
+from relay.tls import untrusted_certificate
 
 FOLLOWABLE = frozenset({301, 302, 307, 308})
 """Redirects re-sent with the same method and body (never turned into a GET, as browsers do)."""
@@ -138,12 +139,9 @@ class WebhookHttp:
         return Answer(response.status_code, phrase, response.headers, self.scrub(_one_line(raw)))
 
     def _transport_failure(self, method: str, exc: httpx.TransportError) -> relay.RetryLater | relay.Halted:
-        cause: BaseException | None = exc
-        while cause is not None:
-            if isinstance(cause, ssl.SSLCertVerificationError):
-                return relay.Halted(f"{self.where(method)}: the receiver's TLS certificate was not accepted "
-                                    f"({cause.verify_message}); check url, tls.ca_file or tls.verify")
-            cause = cause.__cause__ or cause.__context__
+        if (cause := untrusted_certificate(exc)) is not None:
+            return relay.Halted(f"{self.where(method)}: the receiver's TLS certificate was not accepted "
+                                f"({cause.verify_message}); check url, tls.ca_file or tls.verify")
         detail = self.scrub(str(exc)).replace(str(self.url), origin(self.url))
         return relay.RetryLater(f"{self.where(method)}: {type(exc).__name__}" + (f": {detail}" if detail else ""))
 
