@@ -92,7 +92,7 @@ def percentile(values: list[float], share: float) -> float:
 
 
 def run(report: Report, requests: int, concurrency: int, compress: bool, hec: bool = False,
-        rate: float | None = None) -> float:
+        rate: float | None = None, parse_workers: str | int = "auto") -> float:
     payloads = bodies(requests, compress=compress)
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
@@ -105,7 +105,7 @@ def run(report: Report, requests: int, concurrency: int, compress: bool, hec: bo
                                        "compression": "none"}}
         config.write_text(yaml.safe_dump({
             "state_dir": str(Path(tmp) / "state"), "log": {"format": "json", "level": "warning"},
-            "metrics": {"listen": None},
+            "metrics": {"listen": None}, "parse_workers": parse_workers,
             "sources": {"push": {"type": "http", "listen": f"127.0.0.1:{port}", "auth": {"bearer_tokens": [TOKEN]}}},
             "destinations": destinations,
         }))
@@ -157,18 +157,22 @@ def main() -> None:
     parser.add_argument("--hec", action="store_true",
                         help="end to end into splunk_hec, then p99 at half of that rate (the issue-9 figure)")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--parse-workers", default="auto", type=lambda v: v if v == "auto" else int(v),
+                        help="the relay's parse_workers setting (default: auto)")
     args = parser.parse_args()
     report = Report("http_receiver")
     if args.hec:
         top = max(int(c) for c in args.concurrency.split(","))
-        full = run(report, args.requests, top, compress=False, hec=True)
-        run(report, args.requests, top, compress=False, hec=True, rate=full / 2 / PER_REQUEST)
+        full = run(report, args.requests, top, compress=False, hec=True, parse_workers=args.parse_workers)
+        run(report, args.requests, top, compress=False, hec=True, rate=full / 2 / PER_REQUEST,
+            parse_workers=args.parse_workers)
         report.print()
         return
     for concurrency in (int(c) for c in args.concurrency.split(",")):
-        run(report, args.requests, concurrency, compress=False)
+        run(report, args.requests, concurrency, compress=False, parse_workers=args.parse_workers)
     if args.gzip:
-        run(report, args.requests, max(int(c) for c in args.concurrency.split(",")), compress=True)
+        run(report, args.requests, max(int(c) for c in args.concurrency.split(",")), compress=True,
+            parse_workers=args.parse_workers)
     report.print()
 
 

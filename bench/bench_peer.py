@@ -33,7 +33,7 @@ import orjson
 import trio
 import yaml
 
-from common import ROOT, Report, cpu_seconds, peak_rss_bytes
+from common import ROOT, Report, cpu_seconds, peak_rss_bytes, workers_peak_rss_bytes
 from relay_plugins.demo import DemoSource
 
 TOKEN = "11111111-2222-3333-4444-555555555555"
@@ -91,24 +91,25 @@ def stats(url: str) -> dict[str, Any]:
         return got
 
 
-def one_run(data: Path, n: int, tmp: Path, settings: dict[str, Any]) -> dict[str, float]:
+def one_run(data: Path, n: int, tmp: Path, settings: dict[str, Any], parse_workers: str | int = "auto") -> dict[str, float]:
     receiver, url, _ = start_receiver(tmp)
     try:
         config = tmp / "relay.yaml"
         config.write_text(yaml.safe_dump({
             "state_dir": str(tmp / "state"), "log": {"format": "json", "level": "warning"},
-            "metrics": {"listen": None},
+            "metrics": {"listen": None}, "parse_workers": parse_workers,
             "sources": {"backfill": {"type": "file", "path": str(data)}},
             "destinations": {"splunk": {"type": "splunk_hec", "url": url, "token": TOKEN, "compression": "none",
                                         **settings}},
         }))
         started = time.time()
         relay = subprocess.Popen([sys.executable, "-m", "relay", "run", "--config", str(config)], cwd=ROOT)
-        rss = 0
+        rss = workers_rss = 0
         try:
             while True:
                 time.sleep(0.05)
                 rss = max(rss, peak_rss_bytes(relay.pid))
+                workers_rss = max(workers_rss, workers_peak_rss_bytes(relay.pid))
                 s = stats(url)
                 if s["events"] >= n:
                     break
@@ -121,7 +122,8 @@ def one_run(data: Path, n: int, tmp: Path, settings: dict[str, Any]) -> dict[str
         s = stats(url)
         if s["unique_ids"] != n or s["events"] != n:
             raise SystemExit(f"receiver saw {s['events']} events, {s['unique_ids']} unique ids; expected {n}")
-        return {"rate": n / (s["last_event_at"] - started), "cpu_us": cpu / n * 1e6, "rss_mib": rss / 1048576}
+        return {"rate": n / (s["last_event_at"] - started), "cpu_us": cpu / n * 1e6, "rss_mib": rss / 1048576,
+                "workers_rss_mib": workers_rss / 1048576}
     finally:
         receiver.terminate()
         receiver.wait(timeout=30)
@@ -133,6 +135,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--parse-workers", default="auto", type=lambda v: v if v == "auto" else int(v),
+                        help="the relay's parse_workers setting (default: auto)")
     args = parser.parse_args()
     report = Report("peer")
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -147,14 +151,16 @@ def main() -> None:
         for rep in range(args.reps):
             run_dir = tmp / f"run{rep}"
             run_dir.mkdir()
-            runs.append(one_run(data, n, run_dir, {}))
+            runs.append(one_run(data, n, run_dir, {}, args.parse_workers))
         median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-        report.add(f"file import -> journal -> splunk_hec (no gzip), {n:,} entries, median of {args.reps}",
+        report.add(f"file import -> journal -> splunk_hec (no gzip), {n:,} entries, parse_workers "
+                   f"{args.parse_workers}, median of {args.reps}",
                    median["rate"], "entries/s")
         report.add("  min..max", min(r["rate"] for r in runs), "entries/s (min)")
         report.add("  ", max(r["rate"] for r in runs), "entries/s (max)")
-        report.add("  relay CPU per entry", median["cpu_us"], "us")
-        report.add("  relay peak RSS", median["rss_mib"], "MiB")
+        report.add("  relay CPU per entry (with its parse workers)", median["cpu_us"], "us")
+        report.add("  relay peak RSS (main process)", median["rss_mib"], "MiB")
+        report.add("  parse workers' peak RSS (sum)", median["workers_rss_mib"], "MiB")
     report.print()
 
 

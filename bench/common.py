@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -43,6 +44,29 @@ def peak_rss_bytes(pid: int) -> int:
     return 0
 
 
+def children(pid: int) -> list[int]:
+    """The running child processes of `pid` (the relay's parse workers)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def workers_peak_rss_bytes(pid: int) -> int:
+    """The sum of the peak RSS of `pid`'s child processes."""
+    total = 0
+    for child in children(pid):
+        with contextlib.suppress(OSError):
+            total += peak_rss_bytes(child)
+    return total
+
+
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU of `pid` and of its running children (parse workers: their work is the relay's)."""
+    total = 0.0
+    for one in (pid, *children(pid)):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total

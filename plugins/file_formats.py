@@ -11,16 +11,17 @@ from __future__ import annotations
 import codecs
 import csv
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO, Literal, overload
 
 import orjson
 
 from relay.catalog import ENTRY_FIELDS
-from relay.entry import loads
+from relay.entry import Prepared, loads, prepare_batch
 
-__all__ = ["MAX_RECORD", "Chunk", "CsvReader", "Format", "JsonArrayReader", "JsonlReader", "detect", "open_reader"]
+__all__ = ["BLOCK", "MAX_RECORD", "Block", "Chunk", "CsvReader", "Format", "JsonArrayReader", "JsonlReader", "Labels",
+           "detect", "open_reader", "prepare_jsonl"]
 
 Format = Literal["jsonl", "json", "csv"]
 MAX_RECORD = 16 * 1024 * 1024
@@ -29,6 +30,9 @@ MAX_RECORD = 16 * 1024 * 1024
 _KEEP = 64 * 1024
 _AFTER_SCALAR = frozenset(" \t\r\n,]}")
 _READ = 1024 * 1024
+BLOCK = 1024 * 1024
+"""Bytes of JSON lines per worker job (~1,600 entries of 650 bytes): large enough that sending the job and
+its result costs little against parsing it, small enough to keep the journal's commits flowing."""
 _JSON_COLUMNS = frozenset({"actor", "targets", "context", "metadata"})
 """CSV columns (and any `*.metadata`) whose cells hold JSON text."""
 
@@ -52,6 +56,8 @@ class Chunk:
     done: bool = False
     error: str | None = None
     """The rest of the file cannot be read (a JSON array broken beyond repair); `offset` is where it stops."""
+    prepared: Prepared | None = None
+    """The items already validated (by `prepare_jsonl`, in a worker process): `items` is then empty."""
 
 
 def detect(head: bytes, name: str) -> Format:
@@ -70,7 +76,10 @@ def detect(head: bytes, name: str) -> Format:
 
 
 class JsonlReader:
-    """One JSON value per line; a line that is not JSON is quarantined and reading goes on."""
+    """One JSON value per line; a line that is not JSON is quarantined and reading goes on.
+
+    Two ways to read: `read()` parses here, a line at a time; `read_block()` hands out whole lines as bytes
+    for `prepare_jsonl` to parse and validate in a worker process (the `file` source's fast path)."""
 
     def __init__(self, f: BinaryIO, offset: int, records: int) -> None:
         self.f = f
@@ -93,20 +102,111 @@ class JsonlReader:
                 chunk.bad.append((line[:_KEEP], f"line {self.records} (byte {start}) is longer than "
                                                 f"{MAX_RECORD} bytes; its first {_KEEP} bytes are kept"))
                 continue
-            text = line.strip()
-            if start == 0:
-                text = text.removeprefix(codecs.BOM_UTF8)
-            if not text:
-                continue
-            try:
-                chunk.items.append(loads(text))
-            except orjson.JSONDecodeError as exc:
-                where = f"line {self.records} (byte {start})"
-                chunk.bad.append((line.rstrip(b"\r\n"), f"{where} is not valid JSON: {exc.msg} at column {exc.colno}"))
-            else:
-                chunk.origins.append((self.records, start, text))
+            _parse_line(line, start, self.records, chunk)
         chunk.offset, chunk.records = self.offset, self.records
         return chunk
+
+    def read_block(self, size: int = BLOCK) -> Block | None:
+        """The whole lines in the next `size` bytes (at the end of the file, the rest, newline or not).
+
+        None when the next line alone is longer than `size`: read that one with `read(1)`."""
+        self.f.seek(self.offset)
+        data = self.f.read(size)
+        at_end = len(data) < size
+        if not at_end:
+            cut = data.rfind(b"\n") + 1
+            if cut == 0:
+                self.f.seek(self.offset)
+                return None
+            data = data[:cut]
+        block = Block(data, self.offset, self.records, at_end)
+        self.offset += len(data)
+        self.records += data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+        return block
+
+
+@dataclass(frozen=True)
+class Block:
+    """Whole lines of a JSON-lines file, and where they start."""
+
+    data: bytes
+    offset: int
+    records: int
+    """Lines before `data`."""
+    at_end: bool
+
+
+def prepare_jsonl(block: Block, limit: int, name: str) -> list[Chunk]:
+    """Parse and validate a block's lines, in chunks of at most `limit` records (run in a worker process).
+
+    Each chunk carries its entries validated (`prepared`), labelled and kept raw as `JsonlReader.read()` and
+    the `file` source would: "data.jsonl: line 12 (byte 4096)"."""
+    chunks: list[Chunk] = []
+    chunk = Chunk()
+    offset, records = block.offset, block.records
+    lines = block.data.split(b"\n")  # like readline(): `\n` only (splitlines() would also split at `\r`)
+    last = len(lines) - 1
+    for index, line in enumerate(lines):
+        if index == last and not line:
+            break  # after the final newline
+        if len(chunk.items) + len(chunk.bad) >= limit:
+            chunks.append(_prepared(chunk, name))
+            chunk = Chunk()
+        start = offset
+        offset += len(line) + (index < last)
+        records += 1
+        _parse_line(line, start, records, chunk)
+        chunk.offset, chunk.records = offset, records
+    chunk.offset, chunk.records, chunk.done = offset, records, block.at_end
+    chunks.append(_prepared(chunk, name))
+    return chunks
+
+
+def _prepared(chunk: Chunk, name: str) -> Chunk:
+    raws = [raw for _, _, raw in chunk.origins]
+    chunk.prepared = prepare_batch(chunk.items, Labels(name, chunk.noun, chunk.origins), raws)
+    chunk.items, chunk.origins = [], []  # not sent back: the prepared batch holds what the journal needs
+    return chunk
+
+
+class Labels(Sequence[str]):
+    """Where each item came from ("data.jsonl: line 12 (byte 4096)"), formatted only when asked: for the
+    invalid ones."""
+
+    def __init__(self, name: str, noun: str, origins: list[tuple[int, int, bytes]]) -> None:
+        self._name = name
+        self._noun = noun
+        self._origins = origins
+
+    def __len__(self) -> int:
+        return len(self._origins)
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[str]: ...
+
+    def __getitem__(self, index: int | slice) -> str | Sequence[str]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        record, start, _ = self._origins[index]
+        return f"{self._name}: {self._noun} {record} (byte {start})"
+
+
+def _parse_line(line: bytes, start: int, record: int, chunk: Chunk) -> None:
+    text = line.strip()
+    if start == 0:
+        text = text.removeprefix(codecs.BOM_UTF8)
+    if not text:
+        return
+    try:
+        chunk.items.append(loads(text))
+    except orjson.JSONDecodeError as exc:
+        where = f"line {record} (byte {start})"
+        chunk.bad.append((line.rstrip(b"\r\n"), f"{where} is not valid JSON: {exc.msg} at column {exc.colno}"))
+    else:
+        chunk.origins.append((record, start, text))
 
 
 def _skip_line(f: BinaryIO) -> int:

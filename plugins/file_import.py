@@ -34,8 +34,19 @@ from pydantic import Field
 
 import relay
 from relay.importer import ImportProgress
+from relay.workers import Workers
 
-from .file_formats import Chunk, CsvReader, Format, detect, open_reader
+from .file_formats import (
+    Block,
+    Chunk,
+    CsvReader,
+    Format,
+    JsonlReader,
+    Labels,
+    detect,
+    open_reader,
+    prepare_jsonl,
+)
 
 FINGERPRINT_BYTES = 64 * 1024
 REQUIRED_COLUMNS = ("action", "occurred_at", "actor.type", "actor.id")
@@ -88,32 +99,6 @@ def _fingerprint(f: BinaryIO) -> tuple[str, bytes, int]:
     return hashlib.sha256(head).hexdigest()[:32], head, size
 
 
-class _Labels(Sequence[str]):
-    """Where each item came from ("data.jsonl: line 12 (byte 4096)"), formatted only for the invalid ones."""
-
-    def __init__(self, name: str, chunk: Chunk) -> None:
-        self._name = name
-        self._noun = chunk.noun
-        self._origins = chunk.origins
-
-    def __len__(self) -> int:
-        return len(self._origins)
-
-    def _label(self, origin: tuple[int, int, bytes]) -> str:
-        return f"{self._name}: {self._noun} {origin[0]} (byte {origin[1]})"
-
-    @overload
-    def __getitem__(self, index: int) -> str: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[str]: ...
-
-    def __getitem__(self, index: int | slice) -> str | Sequence[str]:
-        if isinstance(index, slice):
-            return [self._label(origin) for origin in self._origins[index]]
-        return self._label(self._origins[index])
-
-
 class _Raws(Sequence[bytes]):
     def __init__(self, chunk: Chunk) -> None:
         self._origins = chunk.origins
@@ -131,6 +116,25 @@ class _Raws(Sequence[bytes]):
         if isinstance(index, slice):
             return [origin[2] for origin in self._origins[index]]
         return self._origins[index][2]
+
+
+class _Chunks:
+    """The chunks of one read, possibly still being prepared by a worker process."""
+
+    def __init__(self) -> None:
+        self._ready = trio.Event()
+        self._chunks: list[Chunk] = []
+
+    def set(self, chunks: list[Chunk]) -> None:
+        self._chunks = chunks
+        self._ready.set()
+
+    async def prepare(self, workers: Workers, block: Block, limit: int, name: str) -> None:
+        self.set(await workers.run(prepare_jsonl, block, limit, name))
+
+    async def get(self) -> list[Chunk]:
+        await self._ready.wait()
+        return self._chunks
 
 
 class FileImportSource(relay.Source):
@@ -194,20 +198,36 @@ class FileImportSource(relay.Source):
             self.log.info("file_import_started", file=path, format=fmt, size=size)
         reader = await trio.to_thread.run_sync(open_reader, mark.format, f, mark.offset, mark.records,
                                                self.settings.csv_delimiter)
-        send, receive = trio.open_memory_channel[Chunk](1)  # read the next chunk while this one commits
+        # JSON lines are parsed and validated by worker processes, a block at a time, up to one block per
+        # worker ahead of the commits (in order); other formats (and a line longer than a block) are read
+        # here, in a thread.
+        send, receive = trio.open_memory_channel[_Chunks](self.context.workers.count)
         async with trio.open_nursery() as nursery:
             async def produce() -> None:
                 async with send:
                     while True:
-                        chunk = await trio.to_thread.run_sync(reader.read, self.settings.chunk_entries)
-                        await send.send(chunk)
-                        if chunk.done or chunk.error:
+                        chunks = _Chunks()
+                        block = None
+                        if isinstance(reader, JsonlReader):
+                            block = await trio.to_thread.run_sync(reader.read_block)
+                        if block is not None:
+                            nursery.start_soon(chunks.prepare, self.context.workers, block,
+                                               self.settings.chunk_entries, self.settings.path.name)
+                            last = block.at_end
+                        else:
+                            chunk = await trio.to_thread.run_sync(reader.read, self.settings.chunk_entries)
+                            chunks.set([chunk])
+                            last = chunk.done or chunk.error is not None
+                        await send.send(chunks)
+                        if last:
                             return
             nursery.start_soon(produce)
             async with receive:
-                async for chunk in receive:
-                    mark = Mark(path, fingerprint, mark.format, chunk.offset, chunk.records, chunk.done, chunk.error)
-                    await self._commit(intake, chunk, mark)
+                async for chunks in receive:
+                    for chunk in await chunks.get():
+                        mark = Mark(path, fingerprint, mark.format, chunk.offset, chunk.records, chunk.done,
+                                    chunk.error)
+                        await self._commit(intake, chunk, mark)
         if mark.error:
             self.progress.error = mark.error
             self.log.error("file_import_failed", file=path, offset=mark.offset, records=mark.records,
@@ -238,8 +258,11 @@ class FileImportSource(relay.Source):
                     pending = []
                 # Invalid entries are quarantined by submit() under their line or row (an index into a
                 # chunk would mean nothing to whoever fixes the file), with the record as it was in the file.
-                result = await intake.submit(chunk.items, cursor=mark.encode(),
-                                             labels=_Labels(name, chunk), raws=_Raws(chunk))
+                if chunk.prepared is not None:
+                    result = await intake.submit_prepared(chunk.prepared, cursor=mark.encode())
+                else:
+                    result = await intake.submit(chunk.items, cursor=mark.encode(),
+                                                 labels=Labels(name, chunk.noun, chunk.origins), raws=_Raws(chunk))
                 break
             except relay.JournalUnavailable as exc:
                 await self._wait(intake, exc)

@@ -15,6 +15,7 @@ from relay.destination import (
     Result,
     RetryLater,
 )
+from relay.entry import Prepared, prepare_batch
 from relay.errors import ConfigError, EntryError, JournalError, JournalUnavailable, PluginError, RelayError
 from relay.hookspecs import hookimpl
 from relay.settings import ByteSize, Duration, HostPort, Secret, Settings
@@ -41,6 +42,7 @@ __all__ = [
     "JournalError",
     "JournalUnavailable",
     "PluginError",
+    "Prepared",
     "Rejected",
     "RelayError",
     "Result",
@@ -52,4 +54,5 @@ __all__ = [
     "SubmitResult",
     "__version__",
     "hookimpl",
+    "prepare_batch",
 ]

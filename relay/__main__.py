@@ -4,4 +4,5 @@ import sys
 
 from relay.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not when a worker process (relay.workers) imports it
+    sys.exit(main())

@@ -22,6 +22,7 @@ from relay.destination import BatchDefaults
 from relay.errors import ConfigError, ConfigIssue
 from relay.plugins import PluginType, Registry
 from relay.settings import ByteSize, Duration, HostPort, Settings
+from relay.workers import auto_count
 from relay.yamlfile import LoadedYaml, Path_, load_yaml, substitute
 
 __all__ = [
@@ -95,6 +96,7 @@ class TopLevel(Settings):
     metrics: MetricsSettings = MetricsSettings()
     journal: JournalSettings = JournalSettings()
     shutdown_timeout: Duration = 30.0
+    parse_workers: Literal["auto"] | int = Field(default="auto", ge=0, le=32)
     sources: dict[str, dict[str, Any]] = {}
     destinations: dict[str, dict[str, Any]] = {}
 
@@ -129,6 +131,8 @@ class Config:
     shutdown_timeout: float
     sources: Mapping[str, SourceConfig]
     destinations: Mapping[str, DestinationConfig]
+    parse_workers: int = 0
+    """Worker processes that parse and validate large input (`relay.workers`); 0: on the event loop."""
 
 
 def load_config(path: str | os.PathLike[str], registry: Registry,
@@ -177,8 +181,9 @@ def parse_config(text: str, file: str, registry: Registry, env: Mapping[str, str
     if state_dir is None:
         systemd_dir = env.get("STATE_DIRECTORY", "").split(":")[0]
         state_dir = Path(systemd_dir) if systemd_dir else Path("state")
+    parse_workers = auto_count() if top.parse_workers == "auto" else top.parse_workers
     return Config(file, state_dir, top.log, top.metrics, top.journal, top.shutdown_timeout,
-                  sources, destinations)
+                  sources, destinations, parse_workers)
 
 
 def _section(data: dict[str, Any], key: str, loaded: LoadedYaml,

@@ -12,6 +12,7 @@ from typing import Any, Literal, Protocol
 import structlog
 
 from relay import metrics
+from relay.workers import Workers
 
 __all__ = ["CheckFailed", "Context", "StateStore"]
 
@@ -48,6 +49,9 @@ class Context:
     state_dir: Path
     state: StateStore = field(default_factory=MemoryStateStore)
     log: Any = None
+    workers: Workers = field(default_factory=Workers)
+    """Where to parse and validate large input (`await context.workers.run(fn, *args)`): the relay's
+    worker processes (`parse_workers`), so the work runs on another core than the event loop."""
 
     def __post_init__(self) -> None:
         if self.log is None:

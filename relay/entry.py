@@ -24,7 +24,7 @@ import orjson
 from relay.catalog import ACTOR_TYPES, ENTRY_FIELDS, known_versions
 from relay.errors import EntryError
 
-__all__ = ["NewEntry", "Prepared", "action_family", "identity_key", "loads", "parse_occurred_at", "prepare",
+__all__ = ["EntryRow", "NewEntry", "Prepared", "action_family", "identity_key", "loads", "parse_occurred_at", "prepare",
            "prepare_batch", "short_key"]
 
 _RFC3339 = re.compile(
@@ -53,7 +53,11 @@ class NewEntry(NamedTuple):
     """What about this entry is not in the documented schema: `action`, `version`, `actor_type`, `field`."""
 
 
-_LONG_NUMBER = re.compile(rb"[0-9]{20}")
+_DIGITS_AS_ZEROS = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x20 for byte in range(256))
+"""A `bytes.translate` table turning every digit into `0` and everything else into a space: a run of 20
+digits is then a plain substring search, ~8x faster than the regular expression `[0-9]{20}` (measured
+1.3 against 9.6 us for a 650-byte line)."""
+_TWENTY_DIGITS = b"0" * 20
 
 
 def loads(raw: bytes | str) -> Any:
@@ -63,7 +67,7 @@ def loads(raw: bytes | str) -> Any:
     instead, the entry fails validation (it cannot be stored as it arrived) and is quarantined, named.
     Only input with a run of 20 digits takes the slower stdlib path."""
     value = orjson.loads(raw)
-    if _LONG_NUMBER.search(raw if isinstance(raw, bytes) else raw.encode()):
+    if _TWENTY_DIGITS in (raw if isinstance(raw, bytes) else raw.encode()).translate(_DIGITS_AS_ZEROS):
         value = json.loads(raw)
     return value
 
@@ -181,11 +185,18 @@ def prepare(value: Any) -> NewEntry:
                     tuple(unrecognized))
 
 
+EntryRow = tuple[int, bytes, bytes, float, str, str, str, tuple[str, ...]]
+"""A `NewEntry` as a plain tuple (same fields, same order): what `Prepared` carries across processes,
+because unpickling a plain tuple costs a quarter of a named one (0.7 against 2.7 us)."""
+
+
 @dataclass
 class Prepared:
-    """A batch of input, validated: what goes into the journal and what into quarantine."""
+    """A batch of input, validated: what goes into the journal and what into quarantine.
 
-    accepted: list[NewEntry]
+    Picklable, so a worker process can prepare it (`relay.workers`); `accepted` then holds plain tuples."""
+
+    accepted: list[EntryRow]
     quarantined: list[tuple[str, bytes]]
     """`(reason, raw input)` for each invalid item."""
     problems: list[tuple[int, str]]
@@ -197,13 +208,16 @@ class Prepared:
     def __len__(self) -> int:
         return len(self.accepted) + len(self.quarantined)
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "accepted": [tuple(entry) for entry in self.accepted]}
+
 
 def prepare_batch(items: Sequence[Any], labels: Sequence[str] | None = None,
                   raws: Sequence[bytes] | None = None) -> Prepared:
     """Validate `items`; an invalid one is reported under `labels[i]` (default "entry i") and kept as
     `raws[i]` (default its JSON). (Measured: running this in a worker thread, beside the journal's commit,
     is slower than on the event loop: the two threads then fight over the GIL.)"""
-    accepted: list[NewEntry] = []
+    accepted: list[EntryRow] = []
     quarantined: list[tuple[str, bytes]] = []
     problems: list[tuple[int, str]] = []
     append = accepted.append
@@ -214,8 +228,8 @@ def prepare_batch(items: Sequence[Any], labels: Sequence[str] | None = None,
             reason = f"{labels[index] if labels is not None else f'entry {index}'}: {exc}"
             problems.append((index, reason))
             quarantined.append((reason, raws[index] if raws is not None else _raw(item)))
-    families = Counter(action_family(e.action) for e in accepted)
-    unrecognized = Counter(kind for e in accepted if e.unrecognized for kind in e.unrecognized)
+    families = Counter(action_family(e[4]) for e in accepted)
+    unrecognized = Counter(kind for e in accepted if e[7] for kind in e[7])
     return Prepared(accepted, quarantined, problems, families, unrecognized)
 
 

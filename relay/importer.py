@@ -23,6 +23,7 @@ from relay.intake import JournalIntake
 from relay.journal import Journal, JournalStateStore
 from relay.plugins import Registry
 from relay.progress import format_duration
+from relay.workers import open_workers
 
 __all__ = ["ImportProgress", "import_file"]
 
@@ -82,11 +83,12 @@ async def _run(config: Config, cls: type[Any], settings: Any, name: str, out: Te
     known = await journal.read(lambda db: [row[0] for row in db.execute("SELECT name FROM destinations")])
     journal.active_destinations = set(config.destinations) | set(known)
     interrupted = False
-    source = cls(Context(name, "source", config.state_dir, JournalStateStore(journal, f"source:{name}")), settings)
+    context = Context(name, "source", config.state_dir, JournalStateStore(journal, f"source:{name}"))
+    source = cls(context, settings)
     progress: ImportProgress = source.progress
     started = time.monotonic()
     try:
-        async with trio.open_nursery() as outer:
+        async with open_workers(config.parse_workers) as context.workers, trio.open_nursery() as outer:
             await outer.start(journal.run)
             intake = JournalIntake(name, journal, await journal.load_cursor(name))
             async with trio.open_nursery() as nursery:

@@ -9,7 +9,7 @@ from typing import Any
 import trio
 
 from relay import metrics
-from relay.entry import prepare_batch
+from relay.entry import Prepared, prepare_batch
 from relay.errors import JournalUnavailable
 from relay.journal import Journal
 from relay.source import UNCHANGED, SubmitResult
@@ -44,7 +44,15 @@ class JournalIntake:
         await trio.lowlevel.checkpoint()
         if self._closed:
             raise JournalUnavailable("the relay is stopping", retry_after=5.0)
-        batch = prepare_batch(items, labels, raws)
+        return await self._journal_batch(prepare_batch(items, labels, raws), cursor)
+
+    async def submit_prepared(self, batch: Prepared, *, cursor: str | None = UNCHANGED) -> SubmitResult:
+        await trio.lowlevel.checkpoint()
+        if self._closed:
+            raise JournalUnavailable("the relay is stopping", retry_after=5.0)
+        return await self._journal_batch(batch, cursor)
+
+    async def _journal_batch(self, batch: Prepared, cursor: str | None) -> SubmitResult:
         try:
             inserted = await self._journal.append(self.source, batch.accepted, batch.quarantined, cursor,
                                                   keep_cursor=cursor is UNCHANGED)

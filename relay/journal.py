@@ -28,7 +28,7 @@ import structlog
 import trio
 import trio.lowlevel
 
-from relay.entry import NewEntry
+from relay.entry import EntryRow
 from relay.errors import JournalError, JournalUnavailable
 from relay.journal_schema import connect
 
@@ -330,7 +330,7 @@ class Journal:
 
     # -- sources --------------------------------------------------------------------------------------
 
-    async def append(self, source: str, entries: Sequence[NewEntry], quarantined: Sequence[tuple[str, bytes]],
+    async def append(self, source: str, entries: Sequence[EntryRow], quarantined: Sequence[tuple[str, bytes]],
                      cursor: Any, *, keep_cursor: bool) -> int:
         """Journal `entries` (deduplicated), `quarantined` input and the cursor in one transaction.
 
@@ -343,8 +343,8 @@ class Journal:
                 raise JournalUnavailable("the journal's disk is full", retry_after=5.0)
             raise JournalUnavailable("the journal cannot take entries right now", retry_after=5.0)
         now = time.time()
-        rows = [(e.key, e.digest, source, now, e.occurred_at, e.action, e.actor_type, e.target_types, e.data)
-                for e in entries]
+        rows = [(key, digest, source, now, occurred_at, action, actor_type, target_types, data)
+                for key, digest, data, occurred_at, action, actor_type, target_types, _ in entries]
 
         def append(db: sqlite3.Connection) -> int:
             before = db.total_changes

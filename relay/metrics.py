@@ -76,6 +76,9 @@ reloads = Counter(f"{PREFIX}config_reloads", "Configuration reloads, by result (
                   ["result"], registry=REGISTRY)
 for _result in ("applied", "partial", "rejected"):
     reloads.labels(_result)  # present at 0 from the start, so increase() sees the first one
+parse_workers = Gauge(f"{PREFIX}parse_workers",
+                      "Worker processes that parse and validate large input (0: on the event loop, by configuration "
+                      "or because workers failed to start; see the log).", registry=REGISTRY)
 last_reload_successful = Gauge(f"{PREFIX}config_last_reload_successful",
                                "1 if the newest reload was applied (or none was asked for), 0 if it was not.",
                                registry=REGISTRY)

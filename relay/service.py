@@ -45,6 +45,7 @@ from relay.pidfile import PidFile
 from relay.retry import Backoff
 from relay.sdnotify import Notifier
 from relay.source import Source
+from relay.workers import Workers, open_workers
 
 __all__ = ["Service"]
 
@@ -93,6 +94,7 @@ class Service:
         self._delivery: trio.Nursery | None = None
         self._intake: trio.Nursery | None = None
         self._rate = RateWindow()
+        self.workers = Workers(0)
 
     async def run(self, stop: trio.Event, *, on_ready: Callable[[Service], None] | None = None) -> None:
         pid_file = PidFile.acquire(self.config.state_dir)
@@ -113,7 +115,7 @@ class Service:
             log.info("relay_stopped")
 
     async def _run(self, stop: trio.Event, on_ready: Callable[[Service], None] | None) -> None:
-        async with trio.open_nursery() as outer:
+        async with open_workers(self.config.parse_workers) as self.workers, trio.open_nursery() as outer:
             self._outer = outer
             await outer.start(self.journal.run)
             forgotten = await self.journal.mark_removed(list(self.config.destinations))
@@ -135,6 +137,7 @@ class Service:
                         await control.start(heartbeat.run)
                         control.start_soon(self._reload_loop)
                         control.start_soon(self._housekeeping)
+                        control.start_soon(self.workers.warm_up)
                         self.ready = True
                         log.info("relay_ready", sources=sorted(self.sources), destinations=sorted(self.destinations),
                                  state_dir=str(self.config.state_dir), metrics=self.endpoint_addresses)
@@ -162,7 +165,8 @@ class Service:
 
     def _context(self, name: str, kind: str) -> Context:
         owner = f"{kind}:{name}"
-        return Context(name, kind, self.config.state_dir, JournalStateStore(self.journal, owner))  # type: ignore[arg-type]
+        return Context(name, kind, self.config.state_dir, JournalStateStore(self.journal, owner),  # type: ignore[arg-type]
+                       workers=self.workers)
 
     async def _run_destination(self, cfg: DestinationConfig, *, task_status: trio.TaskStatus[None]) -> None:
         destination: Destination = cfg.plugin.cls(self._context(cfg.name, "destination"), cfg.settings)

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Protocol
 import trio
 
 from relay.context import Context
+from relay.entry import Prepared
 from relay.settings import Settings
 
 __all__ = ["UNCHANGED", "Intake", "Source", "SubmitResult"]
@@ -62,6 +63,11 @@ class Intake(Protocol):
         An invalid item is quarantined with a reason that starts with its label (`labels[i]`, e.g. "line 12
         (byte 4096)"; default "entry i") and, when given, its raw input (`raws[i]`) instead of its JSON.
         """
+        ...
+
+    async def submit_prepared(self, batch: Prepared, *, cursor: str | None = UNCHANGED) -> SubmitResult:
+        """Journal a batch already validated by `relay.prepare_batch` (typically in a worker process, with
+        `Context.workers`), with `cursor`, in one transaction: `submit()` without the validation."""
         ...
 
     async def quarantine(self, raw: bytes, reason: str) -> None:

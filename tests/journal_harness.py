@@ -98,6 +98,11 @@ class FullableIntake:
             raise relay.JournalUnavailable("the journal is full", retry_after=10)
         return await self.inner.submit(items, cursor=cursor, **where)
 
+    async def submit_prepared(self, batch: relay.Prepared, *, cursor: Any = relay.UNCHANGED) -> relay.SubmitResult:
+        if self.full:
+            raise relay.JournalUnavailable("the journal is full", retry_after=10)
+        return await self.inner.submit_prepared(batch, cursor=cursor)
+
     async def quarantine(self, raw: bytes, reason: str) -> None:
         await self.inner.quarantine(raw, reason)
 

@@ -75,15 +75,17 @@ async def run_import(journal: Journal, path: Path, name: str = "backfill", *, st
         {"path": str(path), "chunk_entries": 7, **overrides}))
     intake = await intake_for(journal, name)
     results: list[relay.SubmitResult] = []
-    submit = intake.submit
     with trio.CancelScope() as scope:
-        async def counting(items: Any, *, cursor: Any, **where: Any) -> relay.SubmitResult:
-            results.append(await submit(items, cursor=cursor, **where))
-            if stop_after is not None and len(results) >= stop_after:
-                scope.cancel()
-            return results[-1]
+        def counting(submit: Any) -> Any:
+            async def submit_and_count(items: Any, *, cursor: Any, **where: Any) -> relay.SubmitResult:
+                results.append(await submit(items, cursor=cursor, **where))
+                if stop_after is not None and len(results) >= stop_after:
+                    scope.cancel()
+                return results[-1]
+            return submit_and_count
 
-        intake.submit = counting  # type: ignore[method-assign]
+        intake.submit = counting(intake.submit)  # type: ignore[method-assign]
+        intake.submit_prepared = counting(intake.submit_prepared)  # type: ignore[method-assign]
         await source.open()
         await source.run(intake)
     await source.close()

@@ -1,0 +1,140 @@
+"""Parse workers: jobs run in another process, their errors come back as they were raised, a broken worker
+costs nothing (the job runs on the event loop instead), and the workers die with a relay killed by -9."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import orjson
+import psutil
+import pytest
+import structlog
+
+import relay
+from relay import metrics
+from relay.workers import MAX_FAILURES, Workers, open_workers
+from relay_plugins.http_bodies import BodyError, prepare_body
+from tests.helpers import RelayProcess, config_dict, entry, journal_db, wait_until_sync, write_config
+
+
+def _die_unless_in(pid: int) -> str:
+    """Kills the worker process that runs it; returns normally only in process `pid` (the test's)."""
+    if os.getpid() != pid:
+        os._exit(3)
+    return "ran on the event loop"
+
+
+async def test_a_job_runs_in_another_process_and_its_errors_come_back() -> None:
+    async with open_workers(1) as workers:
+        assert await workers.run(os.getpid) != os.getpid()
+        body = orjson.dumps([entry(id="a"), {"action": "user.created"}])
+        prepared = await workers.run(prepare_body, body, "application/json", None)
+        with pytest.raises(BodyError, match="not valid JSON"):
+            await workers.run(prepare_body, b"[{", "application/json", None)
+    assert len(prepared.accepted) == 1 and prepared.problems == [(1, "entry 1: occurred_at: missing")]
+    assert prepared.accepted[0][4] == "api_key.created"  # a plain tuple, in NewEntry's order
+
+
+async def test_without_workers_a_job_runs_inline() -> None:
+    async with open_workers(0) as workers:
+        assert await workers.run(os.getpid) == os.getpid()
+    assert metrics.parse_workers._value.get() == 0
+
+
+async def test_a_broken_worker_costs_nothing_and_repeated_failures_disable_workers() -> None:
+    async with open_workers(1) as workers:
+        with structlog.testing.capture_logs() as logs:
+            for _ in range(MAX_FAILURES):
+                assert await workers.run(_die_unless_in, os.getpid()) == "ran on the event loop"
+            assert await workers.run(os.getpid) == os.getpid()  # workers are now off
+    events = [e["event"] for e in logs]
+    assert events == ["parse_worker_failed"] * (MAX_FAILURES - 1) + ["parse_workers_disabled"]
+    assert "restart the relay" in logs[-1]["hint"]
+    assert metrics.parse_workers._value.get() == 0
+
+
+def test_the_default_context_runs_jobs_inline(tmp_path: Path) -> None:
+    context = relay.Context("x", "source", tmp_path)
+    assert isinstance(context.workers, Workers) and context.workers.count == 0
+
+
+def _workers_of(pid: int) -> list[psutil.Process]:
+    """The relay's worker processes (not multiprocessing's resource tracker, its other child)."""
+    return [child for child in psutil.Process(pid).children() if "spawn_main" in " ".join(child.cmdline())]
+
+
+def test_an_import_through_workers_survives_kill_9_and_the_workers_die_with_the_relay(tmp_path: Path) -> None:
+    """`kill -9` mid-import: the worker processes exit on their own, and a restart imports every entry
+    once, with the invalid lines quarantined under their line numbers."""
+    total = 60_000
+    data = tmp_path / "export.jsonl"
+    with open(data, "wb") as f:
+        for i in range(total):
+            f.write(orjson.dumps(entry(id=f"e{i}")) + b"\n")
+            if i == 123:
+                f.write(b'{"action": "user.created", "occurred_at": "yesterday"}\n')
+            if i == 40_000:
+                f.write(b"{not json\n")
+    config = write_config(tmp_path / "relay.yaml", config_dict(
+        tmp_path, parse_workers=1,
+        sources={"backfill": {"type": "file", "path": str(data)}},
+        destinations={"out": {"type": "file", "path": str(tmp_path / "out.jsonl")}},
+    ))
+    relay_process = RelayProcess(config, tmp_path / "relay.log")
+    try:
+        relay_process.start()
+        assert relay_process.proc is not None
+        pid = relay_process.proc.pid
+        wait_until_sync(lambda: len(_workers_of(pid)) == 1, 30, "the parse worker started")
+        children = psutil.Process(pid).children()  # the worker, and multiprocessing's resource tracker
+
+        def imported() -> int:
+            with journal_db(tmp_path / "state") as db:
+                return int(db.execute("SELECT count(*) FROM entries").fetchone()[0])
+
+        wait_until_sync(lambda: imported() > 0, 60, "the import under way")
+        relay_process.kill()
+        _, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, f"outlived the relay: {[p.cmdline() for p in alive]}"
+        assert imported() < total, "killed before the import finished"
+
+        relay_process.start()
+        wait_until_sync(lambda: imported() == total, 120, "every entry imported after the restart")
+        assert relay_process.terminate() == 0
+    finally:
+        relay_process.stop_quietly()
+    with journal_db(tmp_path / "state") as db:
+        reasons = [row[0] for row in db.execute("SELECT reason FROM quarantine ORDER BY id")]
+        distinct = db.execute("SELECT count(DISTINCT key) FROM entries").fetchone()[0]
+    assert distinct == total
+    assert len(reasons) == 2
+    assert reasons[0] == (f"export.jsonl: line 125 (byte {_offset_of_line(data, 125)}): occurred_at: 'yesterday' "
+                          "is not an RFC 3339 timestamp (e.g. 2024-05-14T09:30:00.123456Z)")
+    assert reasons[1].startswith(f"export.jsonl: line 40003 (byte {_offset_of_line(data, 40_003)}) is not valid "
+                                 "JSON: ")
+
+
+def _offset_of_line(path: Path, number: int) -> int:
+    offset = 0
+    with open(path, "rb") as f:
+        for _ in range(number - 1):
+            offset += len(f.readline())
+    return offset
+
+
+def test_sigterm_stops_the_workers_with_the_relay(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "relay.yaml", config_dict(
+        tmp_path, parse_workers=2, destinations={"out": {"type": "stdout"}}))
+    relay_process = RelayProcess(config, tmp_path / "relay.log")
+    try:
+        relay_process.start()
+        assert relay_process.proc is not None
+        pid = relay_process.proc.pid
+        wait_until_sync(lambda: len(_workers_of(pid)) == 2, 30, "both parse workers started (at ready)")
+        children = psutil.Process(pid).children()
+        assert relay_process.terminate() == 0
+        _, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive
+    finally:
+        relay_process.stop_quietly()
