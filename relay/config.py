@@ -14,9 +14,9 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError
 
 from relay.destination import BatchDefaults
 from relay.errors import ConfigError, ConfigIssue
@@ -90,13 +90,19 @@ class DeliverySettings(Settings):
     send_timeout: Duration = Field(default=60.0, gt=0)
 
 
+def _worker_count(value: Any) -> Any:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 32):
+        return value
+    raise ValueError(f"must be `auto` or a number of processes from 0 to 32, not {value!r}")
+
+
 class TopLevel(Settings):
     state_dir: Path | None = None
     log: LogSettings = LogSettings()
     metrics: MetricsSettings = MetricsSettings()
     journal: JournalSettings = JournalSettings()
     shutdown_timeout: Duration = 30.0
-    parse_workers: Literal["auto"] | int = Field(default="auto", ge=0, le=32)
+    parse_workers: Annotated[Literal["auto"] | int, BeforeValidator(_worker_count)] = "auto"
     sources: dict[str, dict[str, Any]] = {}
     destinations: dict[str, dict[str, Any]] = {}
 

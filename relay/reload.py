@@ -67,6 +67,8 @@ def plan(old: Config, new: Config) -> Plan:
         restart.append("state_dir")
     restart += [f"journal.{key}" for key in type(old.journal).model_fields
                 if getattr(old.journal, key) != getattr(new.journal, key)]
+    if old.parse_workers != new.parse_workers:
+        restart.append("parse_workers")
     live = [key for key, changed in (("log", old.log != new.log),
                                      ("metrics.listen", old.metrics != new.metrics),
                                      ("shutdown_timeout", old.shutdown_timeout != new.shutdown_timeout)) if changed]
@@ -76,7 +78,7 @@ def plan(old: Config, new: Config) -> Plan:
 
 def effective(old: Config, new: Config) -> Config:
     """The configuration the relay runs after the reload: `new`, except what needs a restart."""
-    return dataclasses.replace(new, state_dir=old.state_dir, journal=old.journal)
+    return dataclasses.replace(new, state_dir=old.state_dir, journal=old.journal, parse_workers=old.parse_workers)
 
 
 @dataclass
