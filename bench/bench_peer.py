@@ -91,7 +91,8 @@ def stats(url: str) -> dict[str, Any]:
         return got
 
 
-def one_run(data: Path, n: int, tmp: Path, settings: dict[str, Any], parse_workers: str | int = "auto") -> dict[str, float]:
+def one_run(data: Path, n: int, tmp: Path, settings: dict[str, Any],
+            parse_workers: str | int = "auto") -> dict[str, float]:
     receiver, url, _ = start_receiver(tmp)
     try:
         config = tmp / "relay.yaml"
