@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from common import ROOT, Report, cpu_seconds
+from common import ROOT, Report, children, cpu_seconds
 
 
 def free_port() -> int:
@@ -34,6 +34,11 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def children_rss_bytes(pid: int) -> int:
+    """The parse workers (and multiprocessing's resource tracker)."""
+    return sum(rss_bytes(child) for child in children(pid))
 
 
 def main() -> None:
@@ -56,6 +61,7 @@ def main() -> None:
         try:
             time.sleep(10)  # start-up and warm-up
             cpu_start, rss_start, started = cpu_seconds(relay.pid), rss_bytes(relay.pid), time.monotonic()
+            workers_start = children_rss_bytes(relay.pid)
             samples = []
             deadline = started + args.minutes * 60
             while time.monotonic() < deadline:
@@ -66,13 +72,17 @@ def main() -> None:
             cpu = cpu_seconds(relay.pid) - cpu_start
             elapsed = time.monotonic() - started
             rss_end = rss_bytes(relay.pid)
+            workers_end = children_rss_bytes(relay.pid)
         finally:
             relay.terminate()
             relay.wait(timeout=60)
-    report.add(f"idle CPU over {args.minutes:g} min (share of one core)", cpu / elapsed * 100, "%")
+    report.add(f"idle CPU over {args.minutes:g} min (share of one core, parse workers included)",
+               cpu / elapsed * 100, "%")
     report.add("  RSS after warm-up", rss_start / 1048576, "MiB")
     report.add("  RSS at the end", rss_end / 1048576, "MiB")
     report.add("  largest RSS seen", max(samples or [rss_end]) / 1048576, "MiB")
+    report.add("  parse workers' RSS after warm-up (sum)", workers_start / 1048576, "MiB")
+    report.add("  parse workers' RSS at the end (sum)", workers_end / 1048576, "MiB")
     report.print()
 
 

@@ -215,8 +215,8 @@ class Prepared:
 def prepare_batch(items: Sequence[Any], labels: Sequence[str] | None = None,
                   raws: Sequence[bytes] | None = None) -> Prepared:
     """Validate `items`; an invalid one is reported under `labels[i]` (default "entry i") and kept as
-    `raws[i]` (default its JSON). (Measured: running this in a worker thread, beside the journal's commit,
-    is slower than on the event loop: the two threads then fight over the GIL.)"""
+    `raws[i]` (default its JSON). Run it, with the parsing, in a worker process (`relay.workers`) for large
+    input: in a worker thread it measured slower than on the event loop (two threads fighting over the GIL)."""
     accepted: list[EntryRow] = []
     quarantined: list[tuple[str, bytes]] = []
     problems: list[tuple[int, str]] = []
