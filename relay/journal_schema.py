@@ -13,8 +13,13 @@ from pathlib import Path
 from relay.errors import JournalError
 
 JOURNAL_FILE = "journal.sqlite3"
-WRITER_AUTOCHECKPOINT_PAGES = 16384
-"""64 MiB of WAL: only reached if the background checkpointer falls behind."""
+PAGE_SIZE = 16384
+"""For a new journal (an existing one keeps its page size). Every page a commit writes costs two pwrite()
+calls into the WAL and later a read and a write by the checkpointer, and each commit rewrites the pages of
+the dedupe index its random keys land in: with 16 KiB pages instead of 4 KiB, a 200,000-entry import ->
+splunk_hec run made 62,579 pwrite() and 25,487 pread() calls instead of 246,941 and 123,769."""
+WRITER_AUTOCHECKPOINT_BYTES = 64 * 1024 * 1024
+"""Of WAL: only reached if the background checkpointer falls behind."""
 
 
 def m001_initial(db: sqlite3.Connection) -> None:
@@ -107,12 +112,18 @@ def connect(state_dir: Path, *, readonly: bool = False) -> sqlite3.Connection:
         else:
             state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+            db.execute(f"PRAGMA page_size={PAGE_SIZE}")  # takes effect only while the file is still empty
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             # The journal's own checkpointer runs beside the writer (journal.py); this is the safety net.
-            db.execute(f"PRAGMA wal_autocheckpoint={WRITER_AUTOCHECKPOINT_PAGES}")
+            page_size = db.execute("PRAGMA page_size").fetchone()[0]
+            db.execute(f"PRAGMA wal_autocheckpoint={WRITER_AUTOCHECKPOINT_BYTES // page_size}")
         db.execute("PRAGMA foreign_keys=OFF")
         db.execute("PRAGMA cache_size=-16000")  # 16 MiB per connection
+        # Each write of a group commit runs in a savepoint, whose undo copies of pages SQLite keeps in a
+        # statement journal: a temporary file by default, two pwrite() calls per page (measured: 102,000
+        # of them for a 200,000-entry import). In memory they are a copy; a savepoint holds a few MiB.
+        db.execute("PRAGMA temp_store=MEMORY")
         if not readonly:
             _migrate(db)
         return db
