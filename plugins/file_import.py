@@ -57,8 +57,10 @@ class FileImportSettings(relay.Settings):
     """The file to import."""
     format: Literal["auto", "jsonl", "json", "csv"] = "auto"
     """`auto`: by extension (.jsonl/.ndjson, .csv), else by the first character (`[` JSON array, `{` JSON lines)."""
-    chunk_entries: int = Field(default=2000, gt=0, le=100_000)
-    """Entries committed per journal transaction (with the offset after them)."""
+    chunk_entries: int = Field(default=10_000, gt=0, le=100_000)
+    """Entries committed per journal transaction (with the offset after them). Each commit rewrites the pages
+    of the dedupe index its entries' (random) keys land in, so larger chunks import faster into a large
+    journal: 200,000 entries into one holding 1.2 million took 8.2 s in chunks of 2,000, 5.7 s in 10,000."""
     csv_delimiter: str = Field(default=",", min_length=1, max_length=1)
 
 

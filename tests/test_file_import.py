@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import relay
 from relay.journal import Journal
 from relay_plugins import file_formats
-from relay_plugins.file_formats import CsvReader, JsonArrayReader
+from relay_plugins.file_formats import BLOCK, MAX_RECORD, CsvReader, JsonArrayReader
 from relay_plugins.file_import import FileImportSettings, FileImportSource, ImportBusy, Mark
 from tests.helpers import (
     ROOT,
@@ -314,3 +314,23 @@ def test_relay_import_refuses_a_source_of_another_type(tmp_path: Path) -> None:
     missing = _relay_import(config, "--source", "new", str(tmp_path / "missing.jsonl"))
     assert missing.returncode == 1 and "No such file or directory" in missing.stderr
 
+
+
+async def test_lines_longer_than_a_block_are_read_alone_and_oversized_ones_quarantined(tmp_path: Path) -> None:
+    """JSON lines go to the workers a block at a time; a line longer than a block is read on its own, one
+    longer than MAX_RECORD is quarantined (its head) and skipped, and the lines around both are imported."""
+    values = entries(4)
+    long_entry = {**values[1], "metadata": {"blob": "x" * (BLOCK + 1000)}}
+    huge = b'{"action": "' + b"y" * (MAX_RECORD + 10) + b'"}'
+    lines = [orjson.dumps(values[0]), orjson.dumps(long_entry), huge, orjson.dumps(values[2]),
+             orjson.dumps(values[3])]
+    path = tmp_path / "export.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    async with open_journal(tmp_path / "state") as journal:
+        source, _ = await run_import(journal, path, chunk_entries=10_000)
+    assert [orjson.loads(d) for d in stored(tmp_path / "state")] == [values[0], long_entry, values[2], values[3]]
+    reasons = [reason for reason, _ in quarantined(tmp_path / "state")]
+    start = len(lines[0]) + len(lines[1]) + 2
+    assert reasons == [f"export.jsonl: line 3 (byte {start}) is longer than {MAX_RECORD} bytes; its first "
+                       f"65536 bytes are kept"]
+    assert source.progress.finished and source.progress.quarantined == 1
