@@ -13,11 +13,6 @@ from pathlib import Path
 from relay.errors import JournalError
 
 JOURNAL_FILE = "journal.sqlite3"
-PAGE_SIZE = 16384
-"""For a new journal (an existing one keeps its page size). Every page a commit writes costs two pwrite()
-calls into the WAL and later a read and a write by the checkpointer, and each commit rewrites the pages of
-the dedupe index its random keys land in: with 16 KiB pages instead of 4 KiB, a 200,000-entry import ->
-splunk_hec run made 62,579 pwrite() and 25,487 pread() calls instead of 246,941 and 123,769."""
 WRITER_AUTOCHECKPOINT_BYTES = 64 * 1024 * 1024
 """Of WAL: only reached if the background checkpointer falls behind."""
 
@@ -112,7 +107,6 @@ def connect(state_dir: Path, *, readonly: bool = False) -> sqlite3.Connection:
         else:
             state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
-            db.execute(f"PRAGMA page_size={PAGE_SIZE}")  # takes effect only while the file is still empty
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             # The journal's own checkpointer runs beside the writer (journal.py); this is the safety net.
