@@ -23,10 +23,9 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal, overload
+from typing import BinaryIO, Literal
 
 import orjson
 import trio
@@ -99,25 +98,6 @@ def _fingerprint(f: BinaryIO) -> tuple[str, bytes, int]:
     head = f.read(FINGERPRINT_BYTES)
     size = os.fstat(f.fileno()).st_size
     return hashlib.sha256(head).hexdigest()[:32], head, size
-
-
-class _Raws(Sequence[bytes]):
-    def __init__(self, chunk: Chunk) -> None:
-        self._origins = chunk.origins
-
-    def __len__(self) -> int:
-        return len(self._origins)
-
-    @overload
-    def __getitem__(self, index: int) -> bytes: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[bytes]: ...
-
-    def __getitem__(self, index: int | slice) -> bytes | Sequence[bytes]:
-        if isinstance(index, slice):
-            return [origin[2] for origin in self._origins[index]]
-        return self._origins[index][2]
 
 
 class _Chunks:
@@ -264,7 +244,8 @@ class FileImportSource(relay.Source):
                     result = await intake.submit_prepared(chunk.prepared, cursor=mark.encode())
                 else:
                     result = await intake.submit(chunk.items, cursor=mark.encode(),
-                                                 labels=Labels(name, chunk.noun, chunk.origins), raws=_Raws(chunk))
+                                                 labels=Labels(name, chunk.noun, chunk.origins),
+                                                 raws=[raw for _, _, raw in chunk.origins])
                 break
             except relay.JournalUnavailable as exc:
                 await self._wait(intake, exc)

@@ -59,6 +59,16 @@ def test_the_default_context_runs_jobs_inline(tmp_path: Path) -> None:
     assert isinstance(context.workers, Workers) and context.workers.count == 0
 
 
+def _start(relay_process: RelayProcess, workers: int) -> tuple[int, list[psutil.Process]]:
+    """Start the relay and wait for its workers (started at ready): its pid, and all its children (the
+    workers, and multiprocessing's resource tracker), which must all exit with it."""
+    relay_process.start()
+    assert relay_process.proc is not None
+    pid = relay_process.proc.pid
+    wait_until_sync(lambda: len(_workers_of(pid)) == workers, 30, f"{workers} parse worker(s) started")
+    return pid, psutil.Process(pid).children()
+
+
 def _workers_of(pid: int) -> list[psutil.Process]:
     """The relay's worker processes (not multiprocessing's resource tracker, its other child)."""
     return [child for child in psutil.Process(pid).children() if "spawn_main" in " ".join(child.cmdline())]
@@ -83,11 +93,7 @@ def test_an_import_through_workers_survives_kill_9_and_the_workers_die_with_the_
     ))
     relay_process = RelayProcess(config, tmp_path / "relay.log")
     try:
-        relay_process.start()
-        assert relay_process.proc is not None
-        pid = relay_process.proc.pid
-        wait_until_sync(lambda: len(_workers_of(pid)) == 1, 30, "the parse worker started")
-        children = psutil.Process(pid).children()  # the worker, and multiprocessing's resource tracker
+        _, children = _start(relay_process, 1)
 
         def imported() -> int:
             with journal_db(tmp_path / "state") as db:
@@ -128,11 +134,7 @@ def test_sigterm_stops_the_workers_with_the_relay(tmp_path: Path) -> None:
         tmp_path, parse_workers=2, destinations={"out": {"type": "stdout"}}))
     relay_process = RelayProcess(config, tmp_path / "relay.log")
     try:
-        relay_process.start()
-        assert relay_process.proc is not None
-        pid = relay_process.proc.pid
-        wait_until_sync(lambda: len(_workers_of(pid)) == 2, 30, "both parse workers started (at ready)")
-        children = psutil.Process(pid).children()
+        _, children = _start(relay_process, 2)
         assert relay_process.terminate() == 0
         _, alive = psutil.wait_procs(children, timeout=30)
         assert not alive
