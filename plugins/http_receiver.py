@@ -40,12 +40,12 @@ from .http_bodies import BodyCollector, BodyError, prepare_body
 
 HEALTH_PATH = "/healthz"
 MAX_PROBLEMS = 100
+"""At most this many per-entry problems are listed in a 200 answer (the count is always complete)."""
 WORKER_MIN_BYTES = 1024 * 1024
 """Bodies from this size up (~1,500 entries) are parsed and validated by a worker process (`parse_workers`).
 Measured on 2 cores with 100-entry (65 KB) requests, where client, relay and HEC receiver share the cores:
 sending them to a worker gave no more throughput (16.9k against 14.5k entries/s, within the noise) and a
 worse p99 at half load (35-103 ms against 26 ms); a large body is worth the round trip."""
-"""At most this many per-entry problems are listed in a 200 answer (the count is always complete)."""
 _ENCODINGS = {b"": False, b"identity": False, b"gzip": True, b"x-gzip": True}
 
 
