@@ -20,25 +20,13 @@ from pathlib import Path
 
 import yaml
 
-from common import ROOT, Report, children, cpu_seconds
+from common import ROOT, Report, cpu_seconds, rss_bytes, workers_rss_bytes
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def children_rss_bytes(pid: int) -> int:
-    """The parse workers (and multiprocessing's resource tracker)."""
-    return sum(rss_bytes(child) for child in children(pid))
 
 
 def main() -> None:
@@ -61,7 +49,7 @@ def main() -> None:
         try:
             time.sleep(10)  # start-up and warm-up
             cpu_start, rss_start, started = cpu_seconds(relay.pid), rss_bytes(relay.pid), time.monotonic()
-            workers_start = children_rss_bytes(relay.pid)
+            workers_start = workers_rss_bytes(relay.pid)
             samples = []
             deadline = started + args.minutes * 60
             while time.monotonic() < deadline:
@@ -72,7 +60,7 @@ def main() -> None:
             cpu = cpu_seconds(relay.pid) - cpu_start
             elapsed = time.monotonic() - started
             rss_end = rss_bytes(relay.pid)
-            workers_end = children_rss_bytes(relay.pid)
+            workers_end = workers_rss_bytes(relay.pid)
         finally:
             relay.terminate()
             relay.wait(timeout=60)

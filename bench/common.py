@@ -36,12 +36,23 @@ class Report:
             print(f"  {metric.ljust(width)}  {shown:>14} {unit}")
 
 
+def _status_bytes(pid: int, key: str) -> int:
+    """A size from /proc/PID/status (`VmHWM`, `VmRSS`), in bytes; 0 if the process is gone."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def peak_rss_bytes(pid: int) -> int:
     """VmHWM of a running process (its peak resident set size)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    return _status_bytes(pid, "VmHWM")
+
+
+def rss_bytes(pid: int) -> int:
+    """VmRSS of a running process (its resident set size now)."""
+    return _status_bytes(pid, "VmRSS")
 
 
 def children(pid: int) -> list[int]:
@@ -55,11 +66,12 @@ def children(pid: int) -> list[int]:
 
 def workers_peak_rss_bytes(pid: int) -> int:
     """The sum of the peak RSS of `pid`'s child processes."""
-    total = 0
-    for child in children(pid):
-        with contextlib.suppress(OSError):
-            total += peak_rss_bytes(child)
-    return total
+    return sum(peak_rss_bytes(child) for child in children(pid))
+
+
+def workers_rss_bytes(pid: int) -> int:
+    """The sum of the RSS of `pid`'s child processes (the parse workers, multiprocessing's resource tracker)."""
+    return sum(rss_bytes(child) for child in children(pid))
 
 
 def cpu_seconds(pid: int) -> float:

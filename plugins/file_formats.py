@@ -150,13 +150,13 @@ def prepare_jsonl(block: Block, limit: int, name: str) -> list[Chunk]:
         if index == last and not line:
             break  # after the final newline
         if len(chunk.items) + len(chunk.bad) >= limit:
+            chunk.offset, chunk.records = offset, records
             chunks.append(_prepared(chunk, name))
             chunk = Chunk()
         start = offset
         offset += len(line) + (index < last)
         records += 1
         _parse_line(line, start, records, chunk)
-        chunk.offset, chunk.records = offset, records
     chunk.offset, chunk.records, chunk.done = offset, records, block.at_end
     chunks.append(_prepared(chunk, name))
     return chunks

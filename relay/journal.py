@@ -16,6 +16,7 @@ episode), `journal_disk_space_returned`.
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -600,9 +601,14 @@ def _insert_many(db: sqlite3.Connection, insert: str, rows: Sequence[tuple[Any, 
         left = len(rows) - start
         count = size if left >= size else 1 << (left.bit_length() - 1)
         part = rows[start:start + count]
-        db.execute(insert + ",".join(["(" + ",".join("?" * width) + ")"] * count),
-                   [value for row in part for value in row])
+        db.execute(insert + _values(width, count), [value for row in part for value in row])
         start += count
+
+
+@functools.cache
+def _values(width: int, count: int) -> str:
+    """`(?,?),(?,?),...`: built once per shape (a 512-row one is ~10 KB of text)."""
+    return ",".join(["(" + ",".join("?" * width) + ")"] * count)
 
 
 def _keep_collisions(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> int:
