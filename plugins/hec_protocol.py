@@ -166,15 +166,36 @@ class EnvelopeEncoder:
                  indexed_fields: Iterable[str]) -> None:
         meta = {k: v for k, v in (("host", host), ("source", source), ("sourcetype", sourcetype),
                                   ("index", index)) if v}
-        self._meta = orjson.dumps(meta)[1:-1] + b"," if meta else b""
+        self._meta = b"," + orjson.dumps(meta)[1:-1] if meta else b""
         self._paths = [(name, tuple(name.split("."))) for name in indexed_fields]
         # `action` and `actor.type` come with every entry from the journal: no need to parse the entry.
         self._needs_parse = any(path not in _KNOWN for _, path in self._paths)
+        self._middles: dict[tuple[str, str], bytes] = {}
 
     def encode(self, data: bytes, occurred_at: float, action: str, actor_type: str = "") -> bytes:
+        return self.head(data, occurred_at, action, actor_type) + data + b"}"
+
+    def head(self, data: bytes, occurred_at: float, action: str, actor_type: str = "") -> bytes:
+        """The envelope up to the entry's JSON: `head + data + b"}"` is the envelope.
+
+        Without indexed fields that need the entry parsed, what follows `time` depends on the action and
+        actor type only: it is built once per pair (a few dozen in a real audit log), not per entry."""
+        if self._needs_parse or not actor_type:
+            middle = self._middle(data, action, actor_type)
+        else:
+            middle = self._middles.get((action, actor_type)) or self._remember(action, actor_type)
+        return b'{"time":' + epoch_micros(occurred_at) + middle
+
+    def _remember(self, action: str, actor_type: str) -> bytes:
+        if len(self._middles) >= MAX_CACHED_MIDDLES:  # bounded, whatever a source sends as actions
+            self._middles.clear()
+        middle = self._middles[(action, actor_type)] = self._middle(b"", action, actor_type)
+        return middle
+
+    def _middle(self, data: bytes, action: str, actor_type: str) -> bytes:
         fields = self._fields(data, action, actor_type) if self._paths else None
-        extra = b'"fields":' + orjson.dumps(fields) + b"," if fields else b""
-        return b'{"time":' + epoch_micros(occurred_at) + b"," + self._meta + extra + b'"event":' + data + b"}"
+        extra = b',"fields":' + orjson.dumps(fields) if fields else b""
+        return self._meta + extra + b',"event":'
 
     def _fields(self, data: bytes, action: str, actor_type: str) -> dict[str, str | list[str]]:
         value = orjson.loads(data) if self._needs_parse or not actor_type else None
@@ -192,11 +213,15 @@ class EnvelopeEncoder:
         return out
 
 
+MAX_CACHED_MIDDLES = 4096
 _KNOWN = {("action",), ("actor", "type")}
 
 
 def epoch_micros(seconds: float) -> bytes:
-    """`1715679000.123456`: exact to the microsecond (the float carries it; rounding recovers it)."""
+    """`1715679000.123456`: exact to the microsecond (the float carries it, and `%.6f` rounds to the
+    nearest, as `round(seconds * 1e6)` does, in a third of the time)."""
+    if seconds >= 0:
+        return b"%.6f" % seconds
     micros = round(seconds * 1_000_000)
     sign = b"-" if micros < 0 else b""
     whole, fraction = divmod(abs(micros), 1_000_000)

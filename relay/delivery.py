@@ -124,9 +124,9 @@ class DeliveryLoop:
                 if waited is None:
                     self._slots.release()
                     break
-                first, last = waited[0].seq, waited[-1].seq
+                first, last = waited[0][0], waited[-1][0]
                 batch, rows_used = self._form(waited, first, last, None)
-                last = rows_used[-1].seq
+                last = rows_used[-1][0]
                 after = last
                 if not batch.entries:
                     self._slots.release()
@@ -169,14 +169,14 @@ class DeliveryLoop:
             rows = await self.reader.read_after(after, limits.max_entries)
             if rows:
                 if self.oldest_undelivered is None and after == self.offset:
-                    self.oldest_undelivered = rows[0].occurred_at
-                full = len(rows) >= limits.max_entries or sum(len(r.data) for r in rows) >= limits.max_bytes
+                    self.oldest_undelivered = rows[0][2]
+                full = len(rows) >= limits.max_entries or sum(len(r[1]) for r in rows) >= limits.max_bytes
                 now = trio.current_time()
                 deadline = deadline if deadline is not None else now + limits.max_wait
                 if full or now >= deadline:
                     return rows
                 wait_until = deadline
-                newest = rows[-1].seq
+                newest = rows[-1][0]
             else:
                 wait_until = trio.current_time() + IDLE_POLL
                 newest = after
@@ -193,17 +193,24 @@ class DeliveryLoop:
     def _form(self, rows: list[Row], first: int, last: int,
               attributes: dict[str, str] | None) -> tuple[Batch, list[Row]]:
         """The batch for `rows`: selected entries up to the byte limit (always at least one row)."""
-        entries: list[Entry] = []
+        max_bytes = self.config.batch.max_bytes if attributes is None else None
+        if self.selection.takes_all and (max_bytes is None or sum(len(row[1]) for row in rows) <= max_bytes):
+            name = self.name
+            entries = [Entry(seq, data, occurred_at, action, actor_type)
+                       for seq, data, occurred_at, action, actor_type, route, _ in rows
+                       if route is None or route == name]
+            return Batch(name, first, last, entries, attributes or {}), rows
+        entries = []
         used: list[Row] = []
         size = 0
-        max_bytes = self.config.batch.max_bytes if attributes is None else None
         for row in rows:
-            if self.selection.takes(row.route, row.action, row.actor_type, row.target_types):
-                data = self.selection.transform(row.data)
+            seq, data, occurred_at, action, actor_type, route, target_types = row
+            if self.selection.takes(route, action, actor_type, target_types):
+                data = self.selection.transform(data)
                 if max_bytes is not None and entries and size + len(data) > max_bytes:
                     break
                 size += len(data)
-                entries.append(Entry(row.seq, data, row.occurred_at, row.action, row.actor_type))
+                entries.append(Entry(seq, data, occurred_at, action, actor_type))
             used.append(row)
         return Batch(self.name, first, last, entries, attributes or {}), used
 
@@ -313,7 +320,7 @@ class DeliveryLoop:
         """Re-read the entry right after `offset` (unless the offset has moved on meanwhile)."""
         rows = await self.reader.read_after(offset, 1)
         if self.offset == offset:
-            self.oldest_undelivered = rows[0].occurred_at if rows else None
+            self.oldest_undelivered = rows[0][2] if rows else None
 
     async def _set_state(self, state: str, reason: str | None) -> None:
         # Reasons quote what peers answered (an error page may echo a credential). Logs are scrubbed when

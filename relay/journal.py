@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 import orjson
 import structlog
@@ -61,14 +61,11 @@ class JournalStats:
     disk_full: bool
 
 
-class Row(NamedTuple):
-    seq: int
-    route: str | None
-    occurred_at: float
-    action: str
-    actor_type: str
-    target_types: str
-    data: bytes
+Row = tuple[int, bytes, float, str, str, str | None, str]
+"""An entry as a delivery loop reads it: `seq, data, occurred_at, action, actor_type, route, target_types`.
+
+A plain tuple, as sqlite3 returns it: the first five are a `relay.Entry`'s fields, in its order; making a
+named tuple of every row cost more (1 us each) than the query."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +88,7 @@ class _Op:
     """A write tried again after the disk was full: its commit shows that space has returned."""
 
 
-_ROW_COLUMNS = "seq, route, occurred_at, action, actor_type, target_types, data"
+_ROW_COLUMNS = "seq, data, occurred_at, action, actor_type, route, target_types"
 
 
 def _is_disk_full(exc: BaseException) -> bool:
@@ -344,16 +341,13 @@ class Journal:
                 raise JournalUnavailable("the journal's disk is full", retry_after=5.0)
             raise JournalUnavailable("the journal cannot take entries right now", retry_after=5.0)
         now = time.time()
-        rows = [(key, digest, source, now, occurred_at, action, actor_type, target_types, data)
-                for key, digest, data, occurred_at, action, actor_type, target_types, _ in entries]
 
         def append(db: sqlite3.Connection) -> int:
             before = db.total_changes
-            _insert_many(db, "INSERT OR IGNORE INTO entries (key, digest, source, received_at, occurred_at, action,"
-                             " actor_type, target_types, data) VALUES ", rows)
+            _insert_many(db, _INSERT_ENTRIES, entries, ENTRY_COLUMNS, (source, now))
             inserted = db.total_changes - before
-            if inserted < len(rows):
-                inserted += _keep_collisions(db, rows)
+            if inserted < len(entries):
+                inserted += _keep_collisions(db, entries, source, now)
             if quarantined:
                 db.executemany("INSERT INTO quarantine (source, received_at, reason, data) VALUES (?, ?, ?, ?)",
                                [(source, now, reason, data) for reason, data in quarantined])
@@ -581,10 +575,19 @@ def _forget_removed(db: sqlite3.Connection) -> None:
 
 STATEMENT_ROWS = 512
 _MAX_VARIABLES = 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
+ENTRY_COLUMNS = 7
+"""What `_insert_many` takes of each `EntryRow`: key, digest, data, occurred_at, action, actor_type,
+target_types (in that order, so the rows are bound as they come, without a tuple made for each)."""
+_INSERT_ENTRIES = ("INSERT OR IGNORE INTO entries (key, digest, data, occurred_at, action, actor_type, target_types,"
+                   " source, received_at) SELECT *, ?, ? FROM (VALUES {values})")
+"""`source` and `received_at` are the same for the whole append: bound once per statement, not per row."""
 
 
-def _insert_many(db: sqlite3.Connection, insert: str, rows: Sequence[tuple[Any, ...]]) -> None:
-    """Insert `rows` with a few multi-row statements of fixed shapes.
+def _insert_many(db: sqlite3.Connection, insert: str, rows: Sequence[Sequence[Any]], width: int,
+                 constants: tuple[Any, ...] = ()) -> None:
+    """Insert the first `width` values of each of `rows` with a few multi-row statements of fixed shapes.
+
+    `insert` has a `{values}` placeholder for the rows' `(?,...),...` and may bind `constants` before it.
 
     `executemany` runs one step per row, and the sqlite3 module releases the GIL around every step: while
     the event loop's thread is busy (validating the next request, say), each of those steps waits for the
@@ -594,32 +597,32 @@ def _insert_many(db: sqlite3.Connection, insert: str, rows: Sequence[tuple[Any, 
     held ~1 MiB each, up to its cache of 128 (130 MiB measured during an import)."""
     if not rows:
         return
-    width = len(rows[0])
-    size = min(STATEMENT_ROWS, _MAX_VARIABLES // width)
+    size = min(STATEMENT_ROWS, (_MAX_VARIABLES - len(constants)) // width)
     start = 0
     while start < len(rows):
         left = len(rows) - start
         count = size if left >= size else 1 << (left.bit_length() - 1)
         part = rows[start:start + count]
-        db.execute(insert + _values(width, count), [value for row in part for value in row])
+        db.execute(_statement(insert, width, count), [*constants, *(v for row in part for v in row[:width])])
         start += count
 
 
 @functools.cache
-def _values(width: int, count: int) -> str:
-    """`(?,?),(?,?),...`: built once per shape (a 512-row one is ~10 KB of text)."""
-    return ",".join(["(" + ",".join("?" * width) + ")"] * count)
+def _statement(insert: str, width: int, count: int) -> str:
+    """`insert` with its `(?,?),(?,?),...`: built once per shape (a 512-row one is ~10 KB of text)."""
+    return insert.format(values=",".join(["(" + ",".join("?" * width) + ")"] * count))
 
 
-def _keep_collisions(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> int:
-    """Some rows were ignored as duplicates. A row whose 64-bit key is taken by an entry with a different
+def _keep_collisions(db: sqlite3.Connection, entries: Sequence[EntryRow], source: str, now: float) -> int:
+    """Some entries were ignored as duplicates. One whose 64-bit key is taken by an entry with a different
     digest is not a duplicate: store it without a key (so it is not deduplicated) rather than lose it."""
     kept = 0
-    for row in rows:
-        found = db.execute("SELECT digest FROM entries WHERE key = ?", (row[0],)).fetchone()
-        if found is not None and found[0] != row[1]:
+    for key, digest, data, occurred_at, action, actor_type, target_types, *_ in entries:
+        found = db.execute("SELECT digest FROM entries WHERE key = ?", (key,)).fetchone()
+        if found is not None and found[0] != digest:
             db.execute("INSERT INTO entries (key, digest, source, received_at, occurred_at, action, actor_type,"
-                       " target_types, data) VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?)", row[1:])
+                       " target_types, data) VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (digest, source, now, occurred_at, action, actor_type, target_types, data))
             kept += 1
             log.warning("journal_key_collision", hint="two different entries share 64 bits of their digest; "
                                                       "both are kept")
@@ -656,7 +659,7 @@ class JournalReader:
     def _query(self, sql: str, args: tuple[Any, ...]) -> list[Row]:
         if self._db is None:
             self._db = connect(self._state_dir, readonly=True)
-        return list(map(Row._make, self._db.execute(sql, args)))
+        return self._db.execute(sql, args).fetchall()
 
     async def read_after(self, after_seq: int, limit: int) -> list[Row]:
         return await trio.to_thread.run_sync(

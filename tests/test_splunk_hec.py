@@ -22,6 +22,7 @@ import trustme
 import relay
 from relay.context import MemoryStateStore
 from relay.settings import Secret
+from relay_plugins.hec_protocol import MAX_CACHED_MIDDLES, EnvelopeEncoder
 from relay_plugins.splunk_hec import SplunkHecDestination, SplunkHecSettings
 from tests import scripted
 from tests.fakes.hec import FakeHec, Token, serve
@@ -110,6 +111,20 @@ async def test_time_keeps_microseconds_and_fields_stay_flat(tmp_path: Path, hec:
     assert b'"time":1715679000.999999,' in hec.requests[-1].body
     assert event.envelope["fields"] == {"action": "api_key.created", "context.tags": ["a", "1"], "version": "1"}
     assert "index" not in event.envelope and "source" not in event.envelope, "unset: Splunk's defaults apply"
+
+
+def test_envelopes_built_from_remembered_fields_match_and_the_memory_is_bounded() -> None:
+    encoder = EnvelopeEncoder(host="relay-1", source=None, sourcetype="audit", index=None,
+                              indexed_fields=["action", "actor.type"])
+    data = b'{"action":"a.b"}'
+    for round_ in range(2):  # the second round comes from what the first remembered
+        for i in range(MAX_CACHED_MIDDLES + 10):
+            action, actor_type = f"family.action_{i // 2}", ("user", "api_key")[i % 2]
+            envelope = orjson.loads(encoder.encode(data, 1715679000.5 + i, action, actor_type))
+            assert envelope == {"time": 1715679000.5 + i, "host": "relay-1", "sourcetype": "audit", "event": {
+                "action": "a.b"}, "fields": {"action": action, "actor.type": actor_type}}, (round_, i)
+            assert len(encoder._middles) <= MAX_CACHED_MIDDLES
+    assert encoder.encode(data, -1.25, "x", "user").startswith(b'{"time":-1.250000,')
 
 
 # -- tokens and configuration problems halt, without the token in the reason ---------------------------------
