@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ import yaml
 
 from bench_peer import TOKEN as HEC_TOKEN
 from bench_peer import start_receiver, stats
-from common import ROOT, Report, cpu_seconds, peak_rss_bytes
+from common import ROOT, Report, cpu_seconds, free_port, peak_rss_bytes
 from relay_plugins.demo import DemoSource
 
 TOKEN = "bench-token-0123456789abcdef"
@@ -42,11 +41,6 @@ def bodies(requests: int, *, compress: bool) -> list[bytes]:
         out.append(gzip.compress(body, compresslevel=1) if compress else body)
     return out
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def push(url: str, payloads: list[bytes], concurrency: int, compress: bool,

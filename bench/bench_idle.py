@@ -10,7 +10,6 @@ RSS after a 10 s warm-up and at the end (the difference is the growth).
 from __future__ import annotations
 
 import argparse
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,13 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from common import ROOT, Report, cpu_seconds, rss_bytes, workers_rss_bytes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from common import ROOT, Report, cpu_seconds, free_port, rss_bytes, workers_rss_bytes
 
 
 def main() -> None:

@@ -9,7 +9,8 @@ peer harness in the same sitting and compare the two figures; absolute numbers d
 Data: `--data FILE` (e.g. the peer's `audit-200000.jsonl`), else this script's own fixed-seed set.
 Receiver: the peer's `hec_receiver.py` when `shared/` is next to the project (or $AUDIT_RELAY_SHARED),
 else the project's fake HEC from the tests.
-Figure: N / (receiver's time of the N-th event - relay start), like the peer's "end to end". Each run
+The relay runs as users run it: metrics endpoint on, durable journal, default batching (`--max-entries`
+to try another). Figure: N / (receiver's time of the N-th event - relay start), like the peer's "end to end". Each run
 checks the receiver saw exactly the N ids (no loss, no duplicates).
 """
 
@@ -33,7 +34,7 @@ import orjson
 import trio
 import yaml
 
-from common import ROOT, Report, cpu_seconds, peak_rss_bytes, workers_peak_rss_bytes
+from common import ROOT, Report, cpu_seconds, free_port, peak_rss_bytes, workers_peak_rss_bytes
 from relay_plugins.demo import DemoSource
 
 TOKEN = "11111111-2222-3333-4444-555555555555"
@@ -98,7 +99,7 @@ def one_run(data: Path, n: int, tmp: Path, settings: dict[str, Any],
         config = tmp / "relay.yaml"
         config.write_text(yaml.safe_dump({
             "state_dir": str(tmp / "state"), "log": {"format": "json", "level": "warning"},
-            "metrics": {"listen": None}, "parse_workers": parse_workers,
+            "metrics": {"listen": f"127.0.0.1:{free_port()}"}, "parse_workers": parse_workers,
             "sources": {"backfill": {"type": "file", "path": str(data)}},
             "destinations": {"splunk": {"type": "splunk_hec", "url": url, "token": TOKEN, "compression": "none",
                                         **settings}},
@@ -138,6 +139,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--parse-workers", default="auto", type=lambda v: v if v == "auto" else int(v),
                         help="the relay's parse_workers setting (default: auto)")
+    parser.add_argument("--max-entries", type=int, help="the destination's batch.max_entries (default: its own)")
     args = parser.parse_args()
     report = Report("peer")
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -152,7 +154,8 @@ def main() -> None:
         for rep in range(args.reps):
             run_dir = tmp / f"run{rep}"
             run_dir.mkdir()
-            runs.append(one_run(data, n, run_dir, {}, args.parse_workers))
+            settings = {"batch": {"max_entries": args.max_entries}} if args.max_entries else {}
+            runs.append(one_run(data, n, run_dir, settings, args.parse_workers))
         median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         report.add(f"file import -> journal -> splunk_hec (no gzip), {n:,} entries, parse_workers "
                    f"{args.parse_workers}, median of {args.reps}",
