@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
+from sys import intern
 from typing import Any, NamedTuple
 
 import orjson
@@ -180,8 +181,10 @@ def prepare(value: Any) -> NewEntry:
         unrecognized.append("actor_type")
     if not ENTRY_FIELDS.issuperset(value):
         unrecognized.append("field")
-    return NewEntry(short_key(digest), digest, data, occurred_at, action, actor["type"],
-                    ",".join(sorted(target_types)) if len(target_types) > 1 else "".join(target_types),
+    # Interned: a batch repeats a few dozen actions and types, and pickle (from a parse worker) then sends
+    # each one once, not once per entry (measured: half the pickling time).
+    return NewEntry(short_key(digest), digest, data, occurred_at, intern(action), intern(actor["type"]),
+                    intern(",".join(sorted(target_types)) if len(target_types) > 1 else "".join(target_types)),
                     tuple(unrecognized))
 
 
