@@ -648,6 +648,9 @@ def _advance(db: sqlite3.Connection, destination: str) -> int | None:
     return offset
 
 
+READER_CACHE_KIB = 2048
+
+
 class JournalReader:
     """A read connection for one delivery loop."""
 
@@ -658,7 +661,9 @@ class JournalReader:
 
     def _query(self, sql: str, args: tuple[Any, ...]) -> list[Row]:
         if self._db is None:
-            self._db = connect(self._state_dir, readonly=True)
+            # It reads forward through the journal, each page once: a large cache would only fill up (16 MiB
+            # of a 1M-entry drain's peak RSS, measured) with pages it never reads again.
+            self._db = connect(self._state_dir, readonly=True, cache_kib=READER_CACHE_KIB)
         return self._db.execute(sql, args).fetchall()
 
     async def read_after(self, after_seq: int, limit: int) -> list[Row]:

@@ -95,8 +95,8 @@ MIGRATIONS: list[tuple[str, Callable[[sqlite3.Connection], None]]] = [
 ]
 
 
-def connect(state_dir: Path, *, readonly: bool = False) -> sqlite3.Connection:
-    """Open (and if needed create and migrate) the journal in `state_dir`."""
+def connect(state_dir: Path, *, readonly: bool = False, cache_kib: int = 16_000) -> sqlite3.Connection:
+    """Open (and if needed create and migrate) the journal in `state_dir`, with a page cache of `cache_kib`."""
     path = state_dir / JOURNAL_FILE
     try:
         if readonly:
@@ -113,7 +113,7 @@ def connect(state_dir: Path, *, readonly: bool = False) -> sqlite3.Connection:
             page_size = db.execute("PRAGMA page_size").fetchone()[0]
             db.execute(f"PRAGMA wal_autocheckpoint={WRITER_AUTOCHECKPOINT_BYTES // page_size}")
         db.execute("PRAGMA foreign_keys=OFF")
-        db.execute("PRAGMA cache_size=-16000")  # 16 MiB per connection
+        db.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
         # Each write of a group commit runs in a savepoint, whose undo copies of pages SQLite keeps in a
         # statement journal: a temporary file by default, two pwrite() calls per page (measured: 102,000
         # of them for a 200,000-entry import). In memory they are a copy; a savepoint holds a few MiB.
