@@ -66,10 +66,16 @@ def loads(raw: bytes | str) -> Any:
 
     orjson turns such a number into a float without a word, which would change the entry; parsed exactly
     instead, the entry fails validation (it cannot be stored as it arrived) and is quarantined, named.
-    Only input with a run of 20 digits takes the slower stdlib path."""
+    Only input with a run of 20 digits takes the slower stdlib path. That path recurses, and stops at about
+    1,000 levels of nesting where orjson allows 1,024: such input is refused as orjson refuses deeper input,
+    with `orjson.JSONDecodeError` (a bare RecursionError would fail the whole request or chunk)."""
     value = orjson.loads(raw)
     if _TWENTY_DIGITS in (raw if isinstance(raw, bytes) else raw.encode()).translate(_DIGITS_AS_ZEROS):
-        value = json.loads(raw)
+        try:
+            value = json.loads(raw)
+        except RecursionError:
+            text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+            raise orjson.JSONDecodeError("nested too deeply to read its 20-digit numbers exactly", text, 0) from None
     return value
 
 

@@ -235,3 +235,14 @@ async def test_numbers_beyond_64_bits_are_quarantined_not_rounded(tmp_path: Path
         result = await JournalIntake("push", journal, None).submit([loads(raw)])
     assert (result.accepted, result.quarantined) == (0, 1)
     assert "64-bit" in result.problems[0][1]
+
+
+def test_a_20_digit_number_nested_too_deeply_for_the_exact_parser_is_invalid_json() -> None:
+    """orjson reads 1,000 levels of nesting; the stdlib parser that keeps such numbers exact runs out of
+    recursion there. That is input we cannot read exactly, refused as invalid JSON (found by the
+    bad-input test, which got a 500 from the push receiver)."""
+    from relay.entry import loads
+
+    raw = b"[" * 1000 + b"10000000000000000000" + b"]" * 1000
+    with pytest.raises(orjson.JSONDecodeError, match="nested too deeply"):
+        loads(raw)
