@@ -38,7 +38,6 @@ MAX_FAILURES = 3
 """Consecutive worker failures after which the relay stops using workers (and says so)."""
 
 
-
 def auto_count() -> int:
     """`parse_workers: auto`: one per core beyond the event loop's, at most 2; none on a single core."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
