@@ -20,8 +20,8 @@ import orjson
 from relay.catalog import ENTRY_FIELDS
 from relay.entry import Prepared, loads, prepare_batch
 
-__all__ = ["BLOCK", "MAX_RECORD", "Block", "Chunk", "CsvReader", "Format", "JsonArrayReader", "JsonlReader", "Labels",
-           "detect", "open_reader", "prepare_jsonl"]
+__all__ = ["BLOCK", "FIRST_BLOCK", "MAX_RECORD", "Block", "Chunk", "CsvReader", "Format", "JsonArrayReader",
+           "JsonlReader", "Labels", "detect", "open_reader", "prepare_jsonl"]
 
 Format = Literal["jsonl", "json", "csv"]
 MAX_RECORD = 16 * 1024 * 1024
@@ -33,6 +33,9 @@ _READ = 1024 * 1024
 BLOCK = 4 * 1024 * 1024
 """Bytes of JSON lines per worker job (~6,400 entries of 650 bytes), so one job fills a default chunk of
 10,000 entries or most of it: sending the job and its result costs little against parsing it."""
+FIRST_BLOCK = 256 * 1024
+"""An import's first job is this small, and each next one twice the last up to `BLOCK`: the first entries
+reach the journal (and the destinations) after ~400 entries are parsed, not ~6,400 (0.1 s sooner)."""
 _JSON_COLUMNS = frozenset({"actor", "targets", "context", "metadata"})
 """CSV columns (and any `*.metadata`) whose cells hold JSON text."""
 

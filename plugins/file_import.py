@@ -36,6 +36,8 @@ from relay.importer import ImportProgress
 from relay.workers import Workers
 
 from .file_formats import (
+    BLOCK,
+    FIRST_BLOCK,
     Block,
     Chunk,
     CsvReader,
@@ -186,12 +188,14 @@ class FileImportSource(relay.Source):
         send, receive = trio.open_memory_channel[_Chunks](self.context.workers.count)
         async with trio.open_nursery() as nursery:
             async def produce() -> None:
+                size = FIRST_BLOCK
                 async with send:
                     while True:
                         chunks = _Chunks()
                         block = None
                         if isinstance(reader, JsonlReader):
-                            block = await trio.to_thread.run_sync(reader.read_block)
+                            block = await trio.to_thread.run_sync(reader.read_block, size)
+                            size = min(2 * size, BLOCK)
                         if block is not None:
                             nursery.start_soon(chunks.prepare, self.context.workers, block,
                                                self.settings.chunk_entries, self.settings.path.name)

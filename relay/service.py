@@ -99,23 +99,27 @@ class Service:
     async def run(self, stop: trio.Event, *, on_ready: Callable[[Service], None] | None = None) -> None:
         pid_file = PidFile.acquire(self.config.state_dir)
         try:
-            await self.journal.open()
-            metrics.SNAPSHOTS.add(self._gauges)
-            metrics.set_build_info(__version__)
-            metrics.last_reload_successful.set(1)  # the configuration it starts with was loaded
-            metrics.last_reload_success.set(time.time())
-            try:
-                await self._run(stop, on_ready)
-            finally:
-                metrics.SNAPSHOTS.remove(self._gauges)
-                with trio.CancelScope(shield=True):
-                    await self.journal.close()
+            # The parse workers start first: their spawn (~0.2 s each, on other cores) then overlaps the
+            # journal's opening and the components' instead of delaying an import's first entry.
+            async with open_workers(self.config.parse_workers) as self.workers, trio.open_nursery() as nursery:
+                nursery.start_soon(self.workers.warm_up)
+                await self.journal.open()
+                metrics.SNAPSHOTS.add(self._gauges)
+                metrics.set_build_info(__version__)
+                metrics.last_reload_successful.set(1)  # the configuration it starts with was loaded
+                metrics.last_reload_success.set(time.time())
+                try:
+                    await self._run(stop, on_ready)
+                finally:
+                    metrics.SNAPSHOTS.remove(self._gauges)
+                    with trio.CancelScope(shield=True):
+                        await self.journal.close()
         finally:
             pid_file.release()
             log.info("relay_stopped")
 
     async def _run(self, stop: trio.Event, on_ready: Callable[[Service], None] | None) -> None:
-        async with open_workers(self.config.parse_workers) as self.workers, trio.open_nursery() as outer:
+        async with trio.open_nursery() as outer:
             self._outer = outer
             await outer.start(self.journal.run)
             forgotten = await self.journal.mark_removed(list(self.config.destinations))
@@ -137,7 +141,6 @@ class Service:
                         await control.start(heartbeat.run)
                         control.start_soon(self._reload_loop)
                         control.start_soon(self._housekeeping)
-                        control.start_soon(self.workers.warm_up)
                         self.ready = True
                         log.info("relay_ready", sources=sorted(self.sources), destinations=sorted(self.destinations),
                                  state_dir=str(self.config.state_dir), metrics=self.endpoint_addresses)

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import relay
 from relay.journal import Journal
 from relay_plugins import file_formats
-from relay_plugins.file_formats import BLOCK, MAX_RECORD, CsvReader, JsonArrayReader
+from relay_plugins.file_formats import BLOCK, FIRST_BLOCK, MAX_RECORD, CsvReader, JsonArrayReader
 from relay_plugins.file_import import FileImportSettings, FileImportSource, ImportBusy, Mark
 from tests.helpers import (
     ROOT,
@@ -333,4 +333,24 @@ async def test_lines_longer_than_a_block_are_read_alone_and_oversized_ones_quara
     start = len(lines[0]) + len(lines[1]) + 2
     assert reasons == [f"export.jsonl: line 3 (byte {start}) is longer than {MAX_RECORD} bytes; its first "
                        f"65536 bytes are kept"]
+    assert source.progress.finished and source.progress.quarantined == 1
+
+
+async def test_blocks_grow_from_the_first_and_keep_file_order_and_line_labels(tmp_path: Path) -> None:
+    """The first block is small (the first entries are journaled sooner) and each next one doubles: entries
+    stay in file order across them, and a bad line deep in the file is labelled with its line and byte."""
+    values = [{**v, "metadata": {"pad": "p" * 2000}} for v in entries(700)]  # ~1.5 MiB: 256 KiB, 512 KiB, ...
+    lines = [orjson.dumps(v) for v in values]
+    bad_at = 600  # past FIRST_BLOCK * 3 bytes, in the third block
+    assert sum(len(line) + 1 for line in lines[:bad_at]) > 3 * FIRST_BLOCK
+    lines.insert(bad_at, b'{"action": "user.created"}')
+    path = tmp_path / "export.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    async with open_journal(tmp_path / "state") as journal:
+        source, results = await run_import(journal, path, chunk_entries=10_000)
+    assert [orjson.loads(d) for d in stored(tmp_path / "state")] == values
+    assert len(results) >= 3, "several blocks, each its own commit"
+    start = sum(len(line) + 1 for line in lines[:bad_at])
+    assert [reason for reason, _ in quarantined(tmp_path / "state")] == [
+        f"export.jsonl: line {bad_at + 1} (byte {start}): occurred_at: missing"]
     assert source.progress.finished and source.progress.quarantined == 1
