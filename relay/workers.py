@@ -25,7 +25,7 @@ import trio
 import trio_parallel
 
 from relay import metrics
-from relay.in_worker import nothing, without_collector
+from relay.in_worker import in_worker, nothing, without_collector
 
 __all__ = ["Workers", "auto_count", "open_workers"]
 
@@ -40,9 +40,10 @@ MAX_FAILURES = 3
 
 
 def auto_count() -> int:
-    """`parse_workers: auto`: one per core beyond the event loop's, at most 2; none on a single core."""
+    """`parse_workers: auto`: one per core, at most 2 (they run at a lower priority than the event loop, so
+    they take only the CPU it leaves); none on a single core, where a worker would only add the round trip."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(2, cores - 1))
+    return min(2, cores) if cores > 1 else 0
 
 
 class Workers:
@@ -60,7 +61,7 @@ class Workers:
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         if self._context is not None:
             try:
-                result: T = await self._context.run_sync(without_collector, fn, *args, limiter=self._limiter)
+                result: T = await self._context.run_sync(in_worker, fn, *args, limiter=self._limiter)
             except (trio_parallel.BrokenWorkerError, OSError) as exc:
                 self._failed(exc)  # the job is a pure function: running it here instead loses nothing
             else:

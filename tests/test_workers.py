@@ -15,6 +15,7 @@ import structlog
 
 import relay
 from relay import metrics
+from relay.in_worker import WORKER_NICENESS
 from relay.workers import MAX_FAILURES, Workers, open_workers
 from relay_plugins.http_bodies import BodyError, prepare_body
 from tests.helpers import RelayProcess, config_dict, entry, journal_db, wait_until_sync, write_config
@@ -46,6 +47,15 @@ def test_what_a_worker_imports_for_its_jobs_leaves_out_the_relay_s_heavy_depende
             "if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+async def test_a_worker_runs_at_a_lower_cpu_priority_than_the_relay_and_inline_jobs_do_not_change_it() -> None:
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    async with open_workers(1) as workers:
+        assert await workers.run(os.getpriority, os.PRIO_PROCESS, 0) == min(19, own + WORKER_NICENESS)
+        assert await workers.run(os.getpriority, os.PRIO_PROCESS, 0) == min(19, own + WORKER_NICENESS), "once"
+    async with open_workers(0) as inline:
+        assert await inline.run(os.getpriority, os.PRIO_PROCESS, 0) == own
 
 
 async def test_without_workers_a_job_runs_inline() -> None:
