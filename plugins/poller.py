@@ -35,6 +35,7 @@ from pydantic import Field, field_validator, model_validator
 
 import relay
 from relay.entry import loads, parse_occurred_at
+from relay.http_client import AsyncClient
 from relay.retry import Backoff, parse_retry_after
 
 STATES = ("polling", "waiting", "paused", "backoff", "halted")
@@ -188,7 +189,7 @@ class PollSource(relay.Source):
         if self.settings.auth is not None:
             headers["authorization"] = f"Bearer {self.settings.auth.bearer_token.reveal()}"
         # No redirects: a redirect to another host would carry the credentials (custom headers) along.
-        self._client = httpx.AsyncClient(headers=headers, timeout=self.settings.timeout, follow_redirects=False,
+        self._client = AsyncClient(headers=headers, timeout=self.settings.timeout, follow_redirects=False,
                                          transport=self.transport)
 
     async def close(self) -> None:

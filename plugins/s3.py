@@ -35,6 +35,7 @@ import trio
 from pydantic import Field, field_validator, model_validator
 
 import relay
+from relay.http_client import AsyncClient
 from relay.retry import parse_retry_after
 from relay.tls import untrusted_certificate
 
@@ -187,11 +188,11 @@ class S3Destination(relay.Destination):
         self._base = self._endpoint_base()
         self._client = self._new_client()
 
-    def _new_client(self) -> httpx.AsyncClient:
+    def _new_client(self) -> AsyncClient:
         verify: ssl.SSLContext | bool = self.settings.tls.verify
         if verify and self.settings.tls.ca_file is not None:
             verify = ssl.create_default_context(cafile=str(self.settings.tls.ca_file))
-        return httpx.AsyncClient(
+        return AsyncClient(
             timeout=httpx.Timeout(None, connect=10.0), verify=verify, follow_redirects=False,
             headers={"User-Agent": f"audit-relay/{relay.__version__}"})
 

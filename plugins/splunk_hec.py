@@ -37,6 +37,7 @@ import trio
 from pydantic import Field, FilePath, field_validator, model_validator
 
 import relay
+from relay.http_client import AsyncClient
 from relay.tls import untrusted_certificate
 
 from .hec_acks import AckTracker, PollAnswer
@@ -183,7 +184,7 @@ class SplunkHecDestination(relay.Destination):
         if s.url.startswith("http://") and not _is_local(host):
             self.log.warning("hec_plaintext_token", host=host,
                              hint="the token crosses the network unencrypted; use https://")
-        self._client = httpx.AsyncClient(
+        self._client = AsyncClient(
             base_url=s.url, verify=verify, timeout=httpx.Timeout(s.timeout), follow_redirects=False,
             headers={"Authorization": f"Splunk {self._token}", "User-Agent": f"audit-relay/{relay.__version__}"},
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=64), transport=self.transport)

@@ -29,6 +29,7 @@ import httpx
 import trio
 
 import relay
+from relay.http_client import AsyncClient, release
 from relay.tls import untrusted_certificate
 
 FOLLOWABLE = frozenset({301, 302, 307, 308})
@@ -82,7 +83,7 @@ class WebhookHttp:
         return f"{method} {origin(self.url)}"
 
     def open(self, tls: ssl.SSLContext) -> None:
-        self._client = httpx.AsyncClient(verify=tls, timeout=httpx.Timeout(self.timeout), follow_redirects=False)
+        self._client = AsyncClient(verify=tls, timeout=httpx.Timeout(self.timeout), follow_redirects=False)
 
     async def close(self) -> None:
         if self._client is not None:
@@ -125,6 +126,7 @@ class WebhookHttp:
                     raw = await _read_at_most(response, READ_LIMIT)
                 finally:
                     await response.aclose()
+                    release(response)
             if scope.cancelled_caught:
                 return relay.RetryLater(f"{self.where(method)}: no complete answer within {self.timeout:g}s")
         except httpx.TimeoutException:
