@@ -11,9 +11,10 @@ GC_THRESHOLDS = (5000, 10, 10)
 """CPython's default (700, 10, 10) runs a collection every 700 new containers. Audit entries are parsed
 into thousands of acyclic dicts and lists per batch (freed by reference counting, never by the collector),
 and each collection walks every live one: profiling showed the collector taking three quarters of the
-time spent parsing entries. Collecting less often has a price: httpx leaves each request in a reference
-cycle that holds its body until a collection, so memory grows with the threshold (file import -> HEC,
-200k entries: 700 -> 16.5k/s, 133 MiB; 5,000 -> 17.8k/s, 165 MiB; 50,000 -> 18.7k/s, 282 MiB)."""
+time spent parsing entries. Collecting less often has a price wherever garbage sits in cycles: httpx left
+each request in one, holding its body until a collection, so memory grew with the threshold (file import ->
+HEC, 200k entries: 700 -> 16.5k/s, 133 MiB; 5,000 -> 17.8k/s, 165 MiB; 50,000 -> 18.7k/s, 282 MiB). The
+plugins' client (`relay.http_client`) now ends that cycle itself."""
 
 
 def raise_open_files_limit() -> None:
