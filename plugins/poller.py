@@ -190,7 +190,7 @@ class PollSource(relay.Source):
             headers["authorization"] = f"Bearer {self.settings.auth.bearer_token.reveal()}"
         # No redirects: a redirect to another host would carry the credentials (custom headers) along.
         self._client = AsyncClient(headers=headers, timeout=self.settings.timeout, follow_redirects=False,
-                                         transport=self.transport)
+                                   transport=self.transport)
 
     async def close(self) -> None:
         if self._client is not None:
