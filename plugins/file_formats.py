@@ -21,7 +21,7 @@ from relay.catalog import ENTRY_FIELDS
 from relay.entry import Prepared, loads, prepare_batch
 
 __all__ = ["BLOCK", "FIRST_BLOCK", "MAX_RECORD", "Block", "Chunk", "CsvReader", "Format", "JsonArrayReader",
-           "JsonlReader", "Labels", "detect", "open_reader", "prepare_jsonl"]
+           "JsonlReader", "Labels", "detect", "open_reader", "prepare_chunk", "prepare_jsonl"]
 
 Format = Literal["jsonl", "json", "csv"]
 MAX_RECORD = 16 * 1024 * 1024
@@ -60,7 +60,7 @@ class Chunk:
     error: str | None = None
     """The rest of the file cannot be read (a JSON array broken beyond repair); `offset` is where it stops."""
     prepared: Prepared | None = None
-    """The items already validated (by `prepare_jsonl`, in a worker process): `items` is then empty."""
+    """The items validated (`prepare_chunk`; for JSON lines in a worker process): `items` is then empty."""
 
 
 def detect(head: bytes, name: str) -> Format:
@@ -154,18 +154,20 @@ def prepare_jsonl(block: Block, limit: int, name: str) -> list[Chunk]:
             break  # after the final newline
         if len(chunk.items) + len(chunk.bad) >= limit:
             chunk.offset, chunk.records = offset, records
-            chunks.append(_prepared(chunk, name))
+            chunks.append(prepare_chunk(chunk, name))
             chunk = Chunk()
         start = offset
         offset += len(line) + (index < last)
         records += 1
         _parse_line(line, start, records, chunk)
     chunk.offset, chunk.records, chunk.done = offset, records, block.at_end
-    chunks.append(_prepared(chunk, name))
+    chunks.append(prepare_chunk(chunk, name))
     return chunks
 
 
-def _prepared(chunk: Chunk, name: str) -> Chunk:
+def prepare_chunk(chunk: Chunk, name: str) -> Chunk:
+    """Validate a chunk's items into `chunk.prepared`: an invalid one is quarantined under its line or row
+    in `name` (an index into a chunk would mean nothing to whoever fixes the file), as it was in the file."""
     raws = [raw for _, _, raw in chunk.origins]
     chunk.prepared = prepare_batch(chunk.items, Labels(name, chunk.noun, chunk.origins), raws)
     chunk.items, chunk.origins = [], []  # not sent back: the prepared batch holds what the journal needs

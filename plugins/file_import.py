@@ -43,9 +43,9 @@ from .file_formats import (
     CsvReader,
     Format,
     JsonlReader,
-    Labels,
     detect,
     open_reader,
+    prepare_chunk,
     prepare_jsonl,
 )
 
@@ -202,7 +202,7 @@ class FileImportSource(relay.Source):
                             last = block.at_end
                         else:
                             chunk = await trio.to_thread.run_sync(reader.read, self.settings.chunk_entries)
-                            chunks.set([chunk])
+                            chunks.set([prepare_chunk(chunk, self.settings.path.name)])
                             last = chunk.done or chunk.error is not None
                         await send.send(chunks)
                         if last:
@@ -242,14 +242,8 @@ class FileImportSource(relay.Source):
                             nursery.start_soon(intake.quarantine, raw, f"{name}: {reason}")
                     self.progress.quarantined += len(pending)
                     pending = []
-                # Invalid entries are quarantined by submit() under their line or row (an index into a
-                # chunk would mean nothing to whoever fixes the file), with the record as it was in the file.
-                if chunk.prepared is not None:
-                    result = await intake.submit_prepared(chunk.prepared, cursor=mark.encode())
-                else:
-                    result = await intake.submit(chunk.items, cursor=mark.encode(),
-                                                 labels=Labels(name, chunk.noun, chunk.origins),
-                                                 raws=[raw for _, _, raw in chunk.origins])
+                assert chunk.prepared is not None, "every chunk is prepared before it is committed"
+                result = await intake.submit_prepared(chunk.prepared, cursor=mark.encode())
                 break
             except relay.JournalUnavailable as exc:
                 await self._wait(intake, exc)
