@@ -41,16 +41,18 @@ class JournalIntake:
 
     async def submit(self, items: Sequence[Any], *, cursor: str | None = UNCHANGED,
                      labels: Sequence[str] | None = None, raws: Sequence[bytes] | None = None) -> SubmitResult:
-        await trio.lowlevel.checkpoint()
-        if self._closed:
-            raise JournalUnavailable("the relay is stopping", retry_after=5.0)
+        await self._admit()
         return await self._journal_batch(prepare_batch(items, labels, raws), cursor)
 
     async def submit_prepared(self, batch: Prepared, *, cursor: str | None = UNCHANGED) -> SubmitResult:
+        await self._admit()
+        return await self._journal_batch(batch, cursor)
+
+    async def _admit(self) -> None:
+        """A checkpoint (a submit is always one), then refuse if the intake is closed."""
         await trio.lowlevel.checkpoint()
         if self._closed:
             raise JournalUnavailable("the relay is stopping", retry_after=5.0)
-        return await self._journal_batch(batch, cursor)
 
     async def _journal_batch(self, batch: Prepared, cursor: str | None) -> SubmitResult:
         try:
