@@ -42,7 +42,6 @@ def bodies(requests: int, *, compress: bool) -> list[bytes]:
     return out
 
 
-
 async def push(url: str, payloads: list[bytes], concurrency: int, compress: bool,
                rate: float | None = None) -> tuple[float, list[float], int]:
     """Send every payload; closed loop (as fast as answers come), or open loop at `rate` requests/s."""
