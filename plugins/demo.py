@@ -80,8 +80,9 @@ class DemoSource(relay.Source):
         self.log.info("demo_finished", produced=produced)
 
     def make_entry(self, rng: random.Random) -> dict[str, Any]:
-        entry: dict[str, Any] = orjson.loads(rng.choice(self._templates))
+        template: dict[str, Any] = orjson.loads(rng.choice(self._templates))
         now = time.time()
+        entry = {"id": _ulid(rng, now), **template}  # as in the audit log: each entry's own id, first
         entry["occurred_at"] = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         entry["actor"] = self._actor(rng, rng.choices(self._actor_types, self._weights)[0])
         for target in entry.get("targets") or []:
