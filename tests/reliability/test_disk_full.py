@@ -116,7 +116,14 @@ def test_full_disk_answers_503_keeps_everything_acknowledged_and_recovers(
                 refused.append(batch)
 
             proxy.mode = "forward"  # S3 takes the uploads; recording them needs space there is not
-            wait_until_sync(lambda: len(moto.objects(bucket)) >= 2, 30, "uploads while the disk is full")
+            try:
+                wait_until_sync(lambda: len(moto.objects(bucket)) >= 2, 30, "uploads while the disk is full")
+            except AssertionError as exc:  # once seen in CI and never here: keep what would explain it
+                with journal_db(state) as db:
+                    pending = db.execute("SELECT first_seq, last_seq, done FROM pending").fetchall()
+                raise AssertionError(
+                    f"{exc}: {len(moto.objects(bucket))} objects in S3, {proxy.count('PUT')} PUTs seen by the "
+                    f"proxy, batches recorded {pending}, the relay's last events: {relay.events()[-30:]}") from None
             assert pusher.push(batches[sent + 10]) == 503, "still refusing: the disk is still full"
             refused.append(batches[sent + 10])
             assert relay.proc is not None and relay.proc.poll() is None, "the relay is still running"
