@@ -1,7 +1,9 @@
 """Push receiver: entries/s accepted and request latency, 100-entry requests from concurrent clients.
 
 The relay runs as its own process (source `http`, bearer auth, no destination: this measures intake,
-which includes the journal commit each 200 waits for); the client is httpx on trio in this process.
+which includes the journal commit each 200 waits for). The client runs in this process: `load_client`
+(blocking sockets in threads, lean on the CPU the relay shares) or, with `--client httpx`, httpx on trio
+(as until the fifth session: ~10 us of CPU per entry, which the relay then did not have).
 
     .venv/bin/python bench/bench_http_receiver.py [--requests 2000] [--concurrency 1,16] [--json]
 """
@@ -25,6 +27,7 @@ import yaml
 from bench_peer import TOKEN as HEC_TOKEN
 from bench_peer import start_receiver, stats
 from common import ROOT, Report, cpu_seconds, free_port, peak_rss_bytes
+from load_client import post_all
 from relay_plugins.demo import DemoSource
 
 TOKEN = "bench-token-0123456789abcdef"
@@ -84,8 +87,19 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
+def push_lean(port: int, payloads: list[bytes], concurrency: int, compress: bool,
+              rate: float | None = None) -> tuple[float, list[float], int]:
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    if compress:
+        headers["Content-Encoding"] = "gzip"
+    outcome = post_all("127.0.0.1", port, "/v1/entries", headers, payloads, concurrency, rate)
+    if outcome.errors:
+        raise SystemExit(f"receiver answered {outcome.errors[0]} ({len(outcome.errors)} errors)")
+    return outcome.elapsed, outcome.latencies, outcome.accepted
+
+
 def run(report: Report, requests: int, concurrency: int, compress: bool, hec: bool = False,
-        rate: float | None = None, parse_workers: str | int = "auto") -> float:
+        rate: float | None = None, parse_workers: str | int = "auto", client: str = "lean") -> float:
     payloads = bodies(requests, compress=compress)
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
@@ -115,9 +129,13 @@ def run(report: Report, requests: int, concurrency: int, compress: bool, hec: bo
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise SystemExit("the relay did not start")
                 time.sleep(0.1)
-            cpu_before = cpu_seconds(proc.pid)
+            cpu_before, client_before = cpu_seconds(proc.pid), time.process_time()
             wall_start = time.time()
-            elapsed, latencies, accepted = trio.run(push, url, payloads, concurrency, compress, rate)
+            if client == "lean":
+                elapsed, latencies, accepted = push_lean(port, payloads, concurrency, compress, rate)
+            else:
+                elapsed, latencies, accepted = trio.run(push, url, payloads, concurrency, compress, rate)
+            client_cpu = time.process_time() - client_before
             if receiver is not None:  # end to end: until the HEC receiver has every entry
                 while stats(hec_url)["events"] < accepted:
                     time.sleep(0.02)
@@ -139,6 +157,7 @@ def run(report: Report, requests: int, concurrency: int, compress: bool, hec: bo
     report.add(f"  request latency p99, {label}", percentile(latencies, 0.99) * 1000, "ms")
     report.add(f"  relay CPU per entry, {label}", cpu / accepted * 1e6, "us")
     report.add(f"  relay peak RSS, {label}", rss / 1048576, "MiB")
+    report.add(f"  load client CPU per entry, {label}", client_cpu / accepted * 1e6, "us")
     return accepted / elapsed
 
 
@@ -152,20 +171,21 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--parse-workers", default="auto", type=lambda v: v if v == "auto" else int(v),
                         help="the relay's parse_workers setting (default: auto)")
+    parser.add_argument("--client", choices=("lean", "httpx"), default="lean",
+                        help="the load client: lean blocking sockets (default) or httpx on trio")
     args = parser.parse_args()
     report = Report("http_receiver")
+    options = {"parse_workers": args.parse_workers, "client": args.client}
     if args.hec:
         top = max(int(c) for c in args.concurrency.split(","))
-        full = run(report, args.requests, top, compress=False, hec=True, parse_workers=args.parse_workers)
-        run(report, args.requests, top, compress=False, hec=True, rate=full / 2 / PER_REQUEST,
-            parse_workers=args.parse_workers)
+        full = run(report, args.requests, top, compress=False, hec=True, **options)
+        run(report, args.requests, top, compress=False, hec=True, rate=full / 2 / PER_REQUEST, **options)
         report.print()
         return
     for concurrency in (int(c) for c in args.concurrency.split(",")):
-        run(report, args.requests, concurrency, compress=False, parse_workers=args.parse_workers)
+        run(report, args.requests, concurrency, compress=False, **options)
     if args.gzip:
-        run(report, args.requests, max(int(c) for c in args.concurrency.split(",")), compress=True,
-            parse_workers=args.parse_workers)
+        run(report, args.requests, max(int(c) for c in args.concurrency.split(",")), compress=True, **options)
     report.print()
 
 
