@@ -124,6 +124,7 @@ class _Chunks:
 class FileImportSource(relay.Source):
     type_name = "file"
     Settings = FileImportSettings
+    parses_in_workers = True
     settings: FileImportSettings
 
     def __init__(self, context: relay.Context, settings: FileImportSettings) -> None:

@@ -99,10 +99,11 @@ class Service:
     async def run(self, stop: trio.Event, *, on_ready: Callable[[Service], None] | None = None) -> None:
         pid_file = PidFile.acquire(self.config.state_dir)
         try:
-            # The parse workers start first: their spawn (~0.2 s each, on other cores) then overlaps the
-            # journal's opening and the components' instead of delaying an import's first entry.
+            # For an import, the parse workers start first: their spawn (~0.2 s each, on other cores) then
+            # overlaps the journal's opening and the components' instead of delaying the first entry.
             async with open_workers(self.config.parse_workers) as self.workers, trio.open_nursery() as nursery:
-                nursery.start_soon(self.workers.warm_up)
+                if any(cfg.plugin.cls.parses_in_workers for cfg in self.config.sources.values()):
+                    nursery.start_soon(self.workers.warm_up)
                 await self.journal.open()
                 metrics.SNAPSHOTS.add(self._gauges)
                 metrics.set_build_info(__version__)

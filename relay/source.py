@@ -84,6 +84,10 @@ class Source:
 
     type_name: ClassVar[str]
     Settings: ClassVar[type[Settings]] = Settings
+    parses_in_workers: ClassVar[bool] = False
+    """True for a source that hands most of its input to `context.workers` (an import): the relay then
+    starts the parse workers while it starts, so its first job does not wait for a spawn. Otherwise they
+    start at the first job, and a relay that never needs one holds none (each is ~50 MiB)."""
 
     def __init__(self, context: Context, settings: Any) -> None:
         self.context = context

@@ -7,10 +7,11 @@ for it. A worker process runs on another core. Measured on the project's 2-core 
 the bytes and unpickling the result) when a worker does it.
 
 trio-parallel runs the processes: it spawns them on first use, keeps them for reuse, kills one whose job is
-cancelled, and they exit when the relay does (even after `kill -9`: their end of the pipe closes). The relay
-starts them first thing, while it opens the journal, so the first large request or import chunk does not wait
-for a spawn; one idle for 10 minutes exits (~50 MiB each) and is started again when needed. A job's wrapper
-lives in `relay.in_worker`, light to import.
+cancelled, and they exit when the relay does (even after `kill -9`: their end of the pipe closes). When a
+source imports (`Source.parses_in_workers`) the relay starts them first thing, while it opens the journal, so
+its first chunk does not wait for a spawn; otherwise at the first large request. One idle for 10 minutes
+exits (~50 MiB each) and is started again when needed. A job's wrapper lives in `relay.in_worker`, light to
+import.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import orjson
 import psutil
 import pytest
@@ -18,7 +19,10 @@ from relay import metrics
 from relay.in_worker import WORKER_NICENESS
 from relay.workers import MAX_FAILURES, Workers, open_workers
 from relay_plugins.http_bodies import BodyError, prepare_body
-from tests.helpers import RelayProcess, config_dict, entry, journal_db, wait_until_sync, write_config
+from relay_plugins.http_receiver import WORKER_MIN_BYTES
+from tests.helpers import RelayProcess, config_dict, entry, free_port, journal_db, wait_until_sync, write_config
+
+TOKEN = "workers-test-token-0123456789"
 
 
 def _die_unless_in(pid: int) -> str:
@@ -82,8 +86,8 @@ def test_the_default_context_runs_jobs_inline(tmp_path: Path) -> None:
 
 
 def _start(relay_process: RelayProcess, workers: int) -> tuple[int, list[psutil.Process]]:
-    """Start the relay and wait for its workers (started at ready): its pid, and all its children (the
-    workers, and multiprocessing's resource tracker), which must all exit with it."""
+    """Start the relay and wait for its workers (started with it, for an import): its pid, and all its
+    children (the workers, and multiprocessing's resource tracker), which must all exit with it."""
     relay_process.start()
     assert relay_process.proc is not None
     pid = relay_process.proc.pid
@@ -152,8 +156,11 @@ def _offset_of_line(path: Path, number: int) -> int:
 
 
 def test_sigterm_stops_the_workers_with_the_relay(tmp_path: Path) -> None:
+    data = tmp_path / "export.jsonl"
+    data.write_bytes(orjson.dumps(entry(id="e1")) + b"\n")
     config = write_config(tmp_path / "relay.yaml", config_dict(
-        tmp_path, parse_workers=2, destinations={"out": {"type": "stdout"}}))
+        tmp_path, parse_workers=2, sources={"backfill": {"type": "file", "path": str(data)}},
+        destinations={"out": {"type": "stdout"}}))
     relay_process = RelayProcess(config, tmp_path / "relay.log")
     try:
         _, children = _start(relay_process, 2)
@@ -162,3 +169,39 @@ def test_sigterm_stops_the_workers_with_the_relay(tmp_path: Path) -> None:
         assert not alive
     finally:
         relay_process.stop_quietly()
+
+
+def test_a_relay_that_imports_nothing_starts_its_workers_at_the_first_large_body(tmp_path: Path) -> None:
+    """Workers cost ~50 MiB each: a push receiver whose senders send small bodies never needs one."""
+    port = free_port()
+    config = write_config(tmp_path / "relay.yaml", config_dict(
+        tmp_path, parse_workers=1,
+        sources={"push": {"type": "http", "listen": f"127.0.0.1:{port}", "auth": {"bearer_tokens": [TOKEN]}}}))
+    relay_process = RelayProcess(config, tmp_path / "relay.log")
+    url = f"http://127.0.0.1:{port}"
+    headers = {"authorization": f"Bearer {TOKEN}"}
+    try:
+        relay_process.start()
+        assert relay_process.proc is not None
+        pid = relay_process.proc.pid
+        wait_until_sync(lambda: _healthy(url), 30, "the receiver to answer")
+        assert httpx.post(f"{url}/v1/entries", content=orjson.dumps([entry(id="small")]), headers=headers,
+                          timeout=30).status_code == 200
+        assert _workers_of(pid) == [], "no worker for a small body"
+
+        entries = [entry(id=f"e{i}", context={"pad": "x" * 600}) for i in range(2000)]
+        body = orjson.dumps(entries)
+        assert len(body) >= WORKER_MIN_BYTES
+        answer = httpx.post(f"{url}/v1/entries", content=body, headers=headers, timeout=60)
+        assert (answer.status_code, answer.json()["accepted"]) == (200, 2000)
+        assert len(_workers_of(pid)) == 1, "a large body starts a worker"
+        assert relay_process.terminate() == 0
+    finally:
+        relay_process.stop_quietly()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
