@@ -136,6 +136,7 @@ def run(report: Report, requests: int, concurrency: int, compress: bool, hec: bo
             else:
                 elapsed, latencies, accepted = trio.run(push, url, payloads, concurrency, compress, rate)
             client_cpu = time.process_time() - client_before
+            answered = elapsed
             if receiver is not None:  # end to end: until the HEC receiver has every entry
                 while stats(hec_url)["events"] < accepted:
                     time.sleep(0.02)
@@ -153,6 +154,8 @@ def run(report: Report, requests: int, concurrency: int, compress: bool, hec: bo
     label += " -> splunk_hec" if hec else ""
     label += f", open loop at {rate * PER_REQUEST:,.0f} entries/s" if rate else ""
     report.add(f"accepted, {label}", accepted / elapsed, "entries/s")
+    if hec and rate is None:
+        report.add(f"  answered (journaled), {label}", accepted / answered, "entries/s")
     report.add(f"  request latency p50, {label}", percentile(latencies, 0.50) * 1000, "ms")
     report.add(f"  request latency p99, {label}", percentile(latencies, 0.99) * 1000, "ms")
     report.add(f"  relay CPU per entry, {label}", cpu / accepted * 1e6, "us")
