@@ -172,3 +172,11 @@ def test_a_batch_takes_fast_path_rows_as_they_are_and_validates_everything_else(
     prepared = prepare_batch([parse_entry(raw), (0,), parse_entry(_swap(b'{"id":', b'{"id":"x","id":'))])
     assert [row[2] for row in prepared.accepted] == [raw, orjson.dumps(ENTRY)]
     assert prepared.problems == [(1, "entry 1: an entry must be a JSON object, not tuple")]
+
+
+def test_a_key_the_relay_does_not_decide_by_may_repeat_and_is_kept_as_sent() -> None:
+    """Like any relay that forwards bytes as received; the relay's own reading (the last value, as orjson's)
+    only feeds the `unrecognized` metric."""
+    raw = _swap(b'"version":2', b'"version":1,"version":2')
+    row = prepare_raw(raw)
+    assert row is not None and row[2] == raw and row[7] == full_path(raw)[7] == ()
