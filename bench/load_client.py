@@ -63,7 +63,14 @@ def post_all(host: str, port: int, path: str, headers: dict[str, str], payloads:
         finally:
             sock.close()
 
-    threads = [threading.Thread(target=connection) for _ in range(concurrency)]
+    def guarded() -> None:
+        try:
+            connection()
+        except OSError as exc:  # refused, reset or closed: the run is void, and says why
+            with lock:
+                outcome.errors.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=guarded) for _ in range(concurrency)]
     for thread in threads:
         thread.start()
     for thread in threads:
