@@ -366,7 +366,9 @@ def prepare_batch(items: Sequence[Any], labels: Sequence[str] | None = None,
             reason = f"{labels[index] if labels is not None else f'entry {index}'}: {exc}"
             problems.append((index, reason))
             quarantined.append((reason, raws[index] if raws is not None else _raw(item)))
-    families = Counter(action_family(e[4]) for e in accepted)
+    families: Counter[str] = Counter()
+    for action, count in Counter(e[4] for e in accepted).items():  # a family per action, not per entry
+        families[action_family(action)] += count
     unrecognized = Counter(kind for e in accepted if e[7] for kind in e[7])
     return Prepared(accepted, quarantined, problems, families, unrecognized)
 

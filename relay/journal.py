@@ -21,6 +21,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -603,7 +604,7 @@ def _insert_many(db: sqlite3.Connection, insert: str, rows: Sequence[Sequence[An
         left = len(rows) - start
         count = size if left >= size else 1 << (left.bit_length() - 1)
         part = rows[start:start + count]
-        db.execute(_statement(insert, width, count), [*constants, *(v for row in part for v in row[:width])])
+        db.execute(_statement(insert, width, count), [*constants, *chain.from_iterable(row[:width] for row in part)])
         start += count
 
 
