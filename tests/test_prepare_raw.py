@@ -182,3 +182,12 @@ def test_a_key_the_relay_does_not_decide_by_may_repeat_and_is_kept_as_sent() -> 
     assert row is not None and row[2] == raw
     expected = full_path(raw)
     assert row[:2] + row[3:] == expected[:2] + expected[3:]
+
+
+def test_an_entry_nested_deeper_than_orjson_reads_never_takes_the_fast_path() -> None:
+    """Destinations read stored data with orjson (filters' `drop_fields`, syslog, HEC fields), which stops at
+    1,024 levels; msgspec stops sooner, so such an entry goes to the full path, which quarantines it."""
+    raw = orjson.dumps(ENTRY)[:-1] + b',"metadata":' + b"[" * 1100 + b"]" * 1100 + b"}"
+    with pytest.raises(orjson.JSONDecodeError):
+        orjson.loads(raw)
+    assert prepare_raw(raw) is None
