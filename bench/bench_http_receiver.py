@@ -45,15 +45,20 @@ def bodies(requests: int, *, compress: bool) -> list[bytes]:
     return out
 
 
+def request_headers(compress: bool) -> dict[str, str]:
+    headers = {"authorization": f"Bearer {TOKEN}", "content-type": "application/json"}
+    if compress:
+        headers["content-encoding"] = "gzip"
+    return headers
+
+
 async def push(url: str, payloads: list[bytes], concurrency: int, compress: bool,
                rate: float | None = None) -> tuple[float, list[float], int]:
     """Send every payload; closed loop (as fast as answers come), or open loop at `rate` requests/s."""
     latencies: list[float] = []
     accepted = 0
     queue = list(reversed(payloads))
-    headers = {"authorization": f"Bearer {TOKEN}", "content-type": "application/json"}
-    if compress:
-        headers["content-encoding"] = "gzip"
+    headers = request_headers(compress)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
 
     async with httpx.AsyncClient(headers=headers, limits=limits, timeout=60) as client:
@@ -89,10 +94,7 @@ def percentile(values: list[float], share: float) -> float:
 
 def push_lean(port: int, payloads: list[bytes], concurrency: int, compress: bool,
               rate: float | None = None) -> tuple[float, list[float], int]:
-    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
-    if compress:
-        headers["Content-Encoding"] = "gzip"
-    outcome = post_all("127.0.0.1", port, "/v1/entries", headers, payloads, concurrency, rate)
+    outcome = post_all("127.0.0.1", port, "/v1/entries", request_headers(compress), payloads, concurrency, rate)
     if outcome.errors:
         raise SystemExit(f"receiver answered {outcome.errors[0]} ({len(outcome.errors)} errors)")
     return outcome.elapsed, outcome.latencies, outcome.accepted
