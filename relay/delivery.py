@@ -21,6 +21,7 @@ import trio
 from relay import metrics
 from relay.config import DestinationConfig
 from relay.destination import Batch, Delivered, Destination, Entry, Halted, Rejected, Result, RetryLater
+from relay.errors import JournalUnavailable
 from relay.journal import Journal, JournalReader, Row
 from relay.logs import scrub
 from relay.retry import Backoff
@@ -59,6 +60,10 @@ class DeliveryLoop:
         self.log = structlog.get_logger("relay.delivery").bind(destination=config.name)
         self.state = "starting"
         self.reason: str | None = None
+        self._state_version = 0
+        self._state_writes = 0
+        self._state_recorded = True
+        """False until the journal holds `state` (and while its disk is full, when that write is refused)."""
         self.offset = 0
         self.in_flight = 0
         self.last_success_at: float | None = None
@@ -88,7 +93,7 @@ class DeliveryLoop:
 
     async def wait_state(self, state: str) -> None:
         """Return once the destination is in `state` (and it is recorded in the journal)."""
-        while self.state != state:
+        while self.state != state or not self._state_recorded:
             await self._changed.wait()
 
     def _notify(self) -> None:
@@ -302,7 +307,7 @@ class DeliveryLoop:
         if delivered:
             self.last_success_at = time.time()
             self.newest_delivered = max(self.newest_delivered or 0.0, newest or 0.0)
-        if self.state != "up" and (delivered or dead):
+        if delivered or dead:
             await self._set_state("up", None)
         await self._moved(moved)
 
@@ -328,6 +333,9 @@ class DeliveryLoop:
         reason = scrub(reason) if reason is not None else None
         if state == self.state:
             self.reason = reason
+            if not self._state_recorded and not self._state_writes:  # the disk was full: try at each retry
+                await self._record_state()
+                self._notify()
             return
         previous = self.state
         if state == "halted":
@@ -337,6 +345,22 @@ class DeliveryLoop:
             self.log.warning("destination_retrying", reason=reason)
         elif previous != "starting":
             self.log.info("destination_recovered", previous=previous)
-        await self.journal.set_destination_state(self.name, state, reason)
-        self.state, self.reason = state, reason
+        self.state, self.reason = state, reason  # before the write: batches failing together log it once
+        self._state_recorded = False
+        await self._record_state()
         self._notify()
+
+    async def _record_state(self) -> None:
+        """Write the state for `relay status`. Delivery never waits for it: with the disk full, batches in
+        flight go on being retried (and sent), and the state is written at a later retry or change."""
+        self._state_version += 1
+        version = self._state_version
+        self._state_writes += 1
+        try:
+            await self.journal.set_destination_state(self.name, self.state, self.reason)
+        except JournalUnavailable:
+            return
+        finally:
+            self._state_writes -= 1
+        if version == self._state_version:  # no newer state was written meanwhile
+            self._state_recorded = True

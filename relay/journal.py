@@ -457,9 +457,11 @@ class Journal:
             "SELECT destination, count(*) FROM dead_letters GROUP BY destination").fetchall()))
 
     async def set_destination_state(self, destination: str, state: str, reason: str | None) -> None:
+        """Record a destination's state for `relay status`. Never waits for disk space (raises
+        `JournalUnavailable` instead): delivery must go on while the disk is full."""
         await self.write(lambda db: db.execute(
             "UPDATE destinations SET state = ?, state_reason = ?, state_since = ? WHERE name = ?",
-            (state, reason, time.time(), destination)))
+            (state, reason, time.time(), destination)), wait_for_space=False)
 
     # -- plugin state and quarantine ------------------------------------------------------------------
 

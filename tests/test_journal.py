@@ -201,6 +201,44 @@ async def test_a_full_disk_refuses_intake_and_holds_bookkeeping_until_space_retu
             await loop.wait_offset(6)
 
 
+async def test_a_full_disk_does_not_hold_back_retries_of_batches_in_flight(
+        tmp_path: Path, script: scripted.Script, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The destination's state ("retrying") is written for `relay status`; with the disk full that write
+    must not make the batch wait: it is retried, and sent, while the disk stays full, and the state is
+    written at the first retry after space returns. (CI once filled the disk right after the first failed
+    uploads: the state write waited for space and the uploads stopped.)"""
+    script.gate = trio.Event()
+    config = make_config(config_dict(tmp_path, {"in": {"type": "manual"}},
+                                     {"out": {"type": "scripted", "script": "main",
+                                              "retry": {"initial_backoff": "10ms", "max_backoff": "10ms"}}}),
+                         extra=[scripted])
+    busy = relay.RetryLater("busy")
+    async with running_relay(config) as service:
+        journal, intake, loop = service.journal, service.sources["in"].intake, service.destinations["out"].loop
+        await intake.submit([entry(id=f"evt_{i}") for i in range(5)])
+        await script.wait(lambda s: s.attempts == 1)
+        run_group = journal._run_group
+        disk_full = sqlite3.OperationalError("database or disk is full")
+        monkeypatch.setattr(journal, "_run_group", lambda ops: journal._fail_all(ops, disk_full))
+        script.answers = [busy] * 10**6
+        script.gate.set()
+        with trio.fail_after(10):
+            await script.wait(lambda s: s.attempts >= 6)
+        assert loop.state == "retrying" and not journal.writable
+        with journal_db(tmp_path / "state") as db:
+            assert db.execute("SELECT state FROM destinations").fetchone()[0] == "up", "not written yet"
+        monkeypatch.setattr(journal, "_run_group", run_group)
+        with trio.fail_after(10):
+            await loop.wait_state("retrying")
+        with journal_db(tmp_path / "state") as db:
+            assert db.execute("SELECT state, state_reason FROM destinations").fetchone() == ("retrying", "busy")
+        script.answers = []
+        with trio.fail_after(10):
+            await loop.wait_offset(5)
+            await loop.wait_state("up")
+    assert len(script.delivered) == 5
+
+
 async def test_a_full_journal_at_start_prunes_nothing_undelivered(tmp_path: Path) -> None:
     """Restarting with a full journal wakes the pruner at once; before the service has said which
     destinations exist, it must not treat the journal as having none (that would delete everything)."""
