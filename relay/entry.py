@@ -27,8 +27,21 @@ import orjson
 from relay.catalog import ACTOR_TYPES, ENTRY_FIELDS, known_versions
 from relay.errors import EntryError
 
-__all__ = ["Accepted", "EntryRow", "NewEntry", "Prepared", "action_family", "identity_key", "loads", "parse_entry",
-           "parse_occurred_at", "prepare", "prepare_batch", "prepare_raw", "short_key"]
+__all__ = [
+    "Accepted",
+    "EntryRow",
+    "NewEntry",
+    "Prepared",
+    "action_family",
+    "dedupe_key",
+    "identity_key",
+    "loads",
+    "parse_entry",
+    "parse_occurred_at",
+    "prepare",
+    "prepare_batch",
+    "prepare_raw",
+]
 
 _RFC3339 = re.compile(
     r"^(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$"
@@ -37,16 +50,23 @@ _RFC3339 = re.compile(
 
 _FROM_ISO = datetime.fromisoformat
 _sha256 = hashlib.sha256
-_FIRST_64_BITS = struct.Struct(">q").unpack_from
-"""The first 8 bytes as a signed big-endian integer: `int.from_bytes(digest[:8], "big", signed=True)`
-without the slice (0.31 -> 0.08 us per entry)."""
+_FIRST_64_BITS = struct.Struct(">Q").unpack_from
+"""The first 8 bytes as an unsigned big-endian integer: `int.from_bytes(digest[:8], "big")` without the
+slice (0.31 -> 0.08 us per entry)."""
+_CROCKFORD_TO_BASE32HEX = str.maketrans("ABCDEFGHJKMNPQRSTVWXYZabcdefghjkmnpqrstvwxyz",
+                                        "abcdefghijklmnopqrstuvabcdefghijklmnopqrstuv")
+"""ULIDs spell their time in Crockford's base 32; `int(_, 32)` reads base32hex, whose digits this maps to
+in the same order."""
+_TIME_KEY_LIMIT = 1 << 42
+"""Milliseconds since 1970 a time key can hold (until the year 2109); later ones take a digest key."""
+_TIME_KEY_LOW_BITS = 21
 
 
 class NewEntry(NamedTuple):
     """A validated entry, ready for the journal."""
 
     key: int
-    """64 bits of `digest`, what the journal's unique index holds."""
+    """`dedupe_key(digest, id)`: what the journal's unique index holds."""
     digest: bytes
     """SHA-256 identity: of the entry's `id`, or of its canonical JSON."""
     data: bytes
@@ -131,10 +151,16 @@ def _json_type(value: Any) -> str:
 
 def identity_key(value: dict[str, Any]) -> bytes:
     """The SHA-256 of the entry's `id` when the source supplies one, else of its canonical JSON."""
+    return _identity(value)[0]
+
+
+def _identity(value: dict[str, Any]) -> tuple[bytes, str | None]:
+    """The identity digest, and the `id` it is of (None: of the canonical JSON)."""
     entry_id = value.get("id")
     if isinstance(entry_id, (str, int)) and not isinstance(entry_id, bool) and entry_id != "":
-        return _id_digest(str(entry_id))
-    return _sha256(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)).digest()
+        entry_id = str(entry_id)
+        return _id_digest(entry_id), entry_id
+    return _sha256(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)).digest(), None
 
 
 def _id_digest(entry_id: str) -> bytes:
@@ -146,10 +172,49 @@ def _target_types(types: set[str]) -> str:
     return intern(",".join(sorted(types)) if len(types) > 1 else "".join(types))
 
 
-def short_key(digest: bytes) -> int:
-    """The journal's dedupe index holds 64 bits of the digest (a smaller, faster index); the whole digest
-    is kept beside it so a collision of the 64 bits is told apart from a true duplicate."""
-    return int(_FIRST_64_BITS(digest)[0])
+def dedupe_key(digest: bytes, entry_id: str | None) -> int:
+    """What the journal's unique index holds for an entry: a 64-bit integer, the same whenever the identity
+    is the same; the whole digest is kept beside it so that two entries sharing a key are told apart.
+
+    An `id` that begins with the time it was made (a ULID, as incident.io and WorkOS use, optionally after
+    a `prefix_`; or a UUIDv7) gives a key that begins with that time: entries arrive roughly in time order,
+    so their keys land together at the end of the index, and a commit rewrites a few of its pages rather
+    than one page per entry scattered over all of them (measured: journaling 1M entries 43k -> 129k/s, and
+    the rate stays flat as the journal grows instead of falling by half). Such keys are >= 0; any other
+    identity takes 63 bits of the digest as a key < 0, so the two kinds never meet."""
+    bits: int = _FIRST_64_BITS(digest)[0] >> 1
+    if entry_id is not None:
+        millis = _id_time(entry_id)
+        if millis is not None and 0 <= millis < _TIME_KEY_LIMIT:
+            return millis << _TIME_KEY_LOW_BITS | bits & ((1 << _TIME_KEY_LOW_BITS) - 1)
+    return -1 - bits
+
+
+def stored_dedupe_key(digest: bytes, data: bytes) -> int:
+    """`dedupe_key` of an entry already journaled (its digest and stored JSON): for the journal's migration
+    from the keys of earlier versions."""
+    entry_id = orjson.loads(data).get("id")
+    if isinstance(entry_id, (str, int)) and not isinstance(entry_id, bool) and entry_id != "":
+        entry_id = str(entry_id)
+        if _id_digest(entry_id) == digest:
+            return dedupe_key(digest, entry_id)
+    return dedupe_key(digest, None)
+
+
+def _id_time(entry_id: str) -> int | None:
+    """The milliseconds a ULID (`01HXV1V4HQ...`, `event_01HXV1V4HQ...`) or a UUIDv7 begins with.
+
+    Only the key's locality depends on reading it right: anything else that looks like one gives some
+    number, and the key stays a function of the id, which is all deduplication needs."""
+    length = len(entry_id)
+    try:
+        if length == 26 or (length > 26 and entry_id[-27] in "_-"):
+            return int(entry_id[-26:-16].translate(_CROCKFORD_TO_BASE32HEX), 32)
+        if length == 36 and entry_id[14] == "7" and entry_id[8] == "-":
+            return int(entry_id[:8] + entry_id[9:13], 16)
+    except ValueError:
+        pass
+    return None
 
 
 def _non_finite(value: Any, path: str = "") -> str | None:
@@ -204,14 +269,14 @@ def prepare(value: Any) -> NewEntry:
         raise EntryError("context", f"must be an object, not {_json_type(context)}")
     try:
         data = orjson.dumps(value)
-        digest = identity_key(value)
+        digest, entry_id = _identity(value)
     except (TypeError, orjson.JSONEncodeError) as exc:
         raise EntryError("", f"cannot be represented as JSON: {exc}") from None
     if b"null" in data and (where := _non_finite(value)) is not None:  # orjson writes NaN as null: say so
         raise EntryError(where, "NaN and Infinity cannot be represented as JSON")
     # Interned: a batch repeats a few dozen actions and types, and pickle (from a parse worker) then sends
     # each one once, not once per entry (measured: half the pickling time).
-    return NewEntry(short_key(digest), digest, data, occurred_at, intern(action), intern(actor["type"]),
+    return NewEntry(dedupe_key(digest, entry_id), digest, data, occurred_at, intern(action), intern(actor["type"]),
                     _target_types(target_types),
                     _unrecognized(action, version, actor["type"], ENTRY_FIELDS.issuperset(value)))
 
@@ -306,7 +371,7 @@ def prepare_raw(raw: bytes) -> EntryRow | None:
             or raw.count(b'"occurred_at"') > 1 or raw.count(b'"actor"') > 1 or raw.count(b'"targets"') > 1):
         return None
     digest = _id_digest(entry.id)
-    return (short_key(digest), digest, raw, occurred_at, intern(action), intern(actor.type),
+    return (dedupe_key(digest, entry.id), digest, raw, occurred_at, intern(action), intern(actor.type),
             _target_types(target_types), _unrecognized(action, version, actor.type, True))
 
 

@@ -26,10 +26,26 @@ import trio
 
 from relay.sdnotify import Notifier
 
-__all__ = ["STATUS_INTERVAL", "Heartbeat", "RateWindow"]
+__all__ = ["STATUS_INTERVAL", "Heartbeat", "RateWindow", "while_starting"]
 
 log = structlog.get_logger("relay.heartbeat")
 STATUS_INTERVAL = 10.0
+START_EXTENSION = 30.0
+"""While a step of the start runs long, systemd is asked for this much more time every `STATUS_INTERVAL`."""
+
+
+async def while_starting(notifier: Notifier, step: Callable[[], Awaitable[None]], status: str) -> None:
+    """Run `step` of the start; while it takes long (a journal migration rewrites every entry once, ~20 s
+    per million), keep systemd's start timeout from expiring and say why in the status."""
+    async with trio.open_nursery() as nursery:
+        async def extend() -> None:
+            while True:
+                await trio.sleep(STATUS_INTERVAL)
+                notifier.extend_start(START_EXTENSION, status)
+
+        nursery.start_soon(extend)
+        await step()
+        nursery.cancel_scope.cancel()
 
 
 class RateWindow:

@@ -83,5 +83,9 @@ class Notifier:
     def status(self, text: str) -> bool:
         return self.notify(f"STATUS={text}")
 
+    def extend_start(self, seconds: float, status: str) -> bool:
+        """Ask for `seconds` more before the start timeout (`TimeoutStartSec=`) expires (systemd 236+)."""
+        return self.notify(f"EXTEND_TIMEOUT_USEC={int(seconds * 1e6)}", f"STATUS={status}")
+
     def watchdog(self) -> bool:
         return self.notify("WATCHDOG=1")

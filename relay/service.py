@@ -37,7 +37,7 @@ from relay.delivery import DeliveryLoop
 from relay.destination import Destination
 from relay.endpoint import endpoint_app
 from relay.errors import ConfigError, JournalError, JournalUnavailable
-from relay.heartbeat import STATUS_INTERVAL, Heartbeat, RateWindow
+from relay.heartbeat import STATUS_INTERVAL, Heartbeat, RateWindow, while_starting
 from relay.intake import JournalIntake
 from relay.journal import Journal, JournalReader, JournalStateStore
 from relay.logs import configure_logging, scrub
@@ -104,7 +104,7 @@ class Service:
             async with open_workers(self.config.parse_workers) as self.workers, trio.open_nursery() as nursery:
                 if any(cfg.plugin.cls.parses_in_workers for cfg in self.config.sources.values()):
                     nursery.start_soon(self.workers.warm_up)
-                await self.journal.open()
+                await while_starting(self.notifier, self.journal.open, "opening the journal (see the log)")
                 metrics.SNAPSHOTS.add(self._gauges)
                 metrics.set_build_info(__version__)
                 metrics.last_reload_successful.set(1)  # the configuration it starts with was loaded

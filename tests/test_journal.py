@@ -8,11 +8,8 @@ from pathlib import Path
 import orjson
 import pytest
 import trio
-from hypothesis import given
-from hypothesis import strategies as st
 
 import relay
-from relay.entry import short_key
 from relay.intake import JournalIntake
 from tests import scripted
 from tests.helpers import config_dict, entry, journal_db, make_config, running_relay
@@ -287,10 +284,3 @@ def test_a_20_digit_number_nested_too_deeply_for_the_exact_parser_is_invalid_jso
     raw = b"[" * 1000 + b"10000000000000000000" + b"]" * 1000
     with pytest.raises(orjson.JSONDecodeError, match="nested too deeply"):
         loads(raw)
-
-
-@given(st.binary(min_size=32, max_size=32))
-def test_the_dedupe_key_is_the_digest_s_first_64_bits_as_a_signed_integer(digest: bytes) -> None:
-    """The journal's unique index holds this key: it must never change for a digest already stored."""
-    key = short_key(digest)
-    assert key == int.from_bytes(digest[:8], "big", signed=True) and -(2**63) <= key < 2**63

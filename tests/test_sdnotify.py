@@ -8,13 +8,14 @@ import re
 import signal
 import socket
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 import trio
 from structlog.testing import capture_logs
 
-from relay.heartbeat import Heartbeat, RateWindow
+from relay.heartbeat import Heartbeat, RateWindow, while_starting
 from relay.sdnotify import Notifier
 from tests.helpers import RelayProcess, config_dict, write_config
 
@@ -111,6 +112,18 @@ async def test_no_watchdog_without_watchdog_usec(autojump_clock: trio.testing.Mo
         await trio.sleep(25)
         nursery.cancel_scope.cancel()
     assert [m for _, m in notifier.sent] == ["STATUS=s"] * 3
+
+
+async def test_a_long_step_of_the_start_keeps_extending_the_start_timeout(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """A journal migration can take minutes; systemd must not kill the start meanwhile (TimeoutStartSec)."""
+    notifier = Recorder(watchdog_usec=None)
+    await while_starting(notifier, partial(trio.sleep, 35), "opening the journal")
+    assert [(round(t), m) for t, m in notifier.sent] == [
+        (t, "EXTEND_TIMEOUT_USEC=30000000\nSTATUS=opening the journal") for t in (10, 20, 30)]
+    quick = Recorder(watchdog_usec=None)
+    await while_starting(quick, partial(trio.sleep, 1), "opening the journal")
+    assert quick.sent == [], "a start that is quick says nothing"
 
 
 def test_rate_window() -> None:

@@ -1,0 +1,121 @@
+"""The journal's dedupe key: a function of the identity alone, time-ordered for ids that begin with a time,
+and migrated from the keys of earlier versions so that deduplication holds across an upgrade."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import uuid
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from relay import journal_schema
+from relay.entry import _id_digest, dedupe_key, identity_key, prepare, stored_dedupe_key
+from relay.intake import JournalIntake
+from relay.journal_schema import JOURNAL_FILE
+from tests.helpers import entry, journal_db
+from tests.journal_harness import open_journal
+
+CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def ulid(millis: int, tail: str = "3XBWPYKA1Y5Z95EQ") -> str:
+    head = ""
+    for _ in range(10):
+        millis, digit = divmod(millis, 32)
+        head = CROCKFORD[digit] + head
+    return head + tail
+
+
+def digest_key(digest: bytes) -> int:
+    return -1 - (int.from_bytes(digest[:8], "big") >> 1)
+
+
+def test_keys_stored_by_this_version_do_not_change() -> None:
+    """Changing how a key is made needs a journal migration (as m002 did): these pin the current scheme."""
+    assert dedupe_key(_id_digest("01HXV1V4HQ3XBWPYKA1Y5Z95EQ"), "01HXV1V4HQ3XBWPYKA1Y5Z95EQ") == 3598028322778157824
+    assert dedupe_key(_id_digest("event_01HXV1V4HQ3XBWPYKA1Y5Z95EQ"),
+                      "event_01HXV1V4HQ3XBWPYKA1Y5Z95EQ") == 3598028322777055208
+    assert dedupe_key(_id_digest("018f7a4e-3b2c-7d1e-9f00-123456789abc"),
+                      "018f7a4e-3b2c-7d1e-9f00-123456789abc") == 3598175748043082149
+    assert dedupe_key(_id_digest("abc"), "abc") == -7234677806119787168
+
+
+@given(st.binary(min_size=32, max_size=32), st.one_of(st.none(), st.text(max_size=40)))
+def test_a_key_is_a_signed_64_bit_function_of_the_identity(digest: bytes, entry_id: str | None) -> None:
+    key = dedupe_key(digest, entry_id)
+    assert -(2**63) <= key < 2**63
+    assert key == dedupe_key(digest, entry_id)
+    if key < 0:
+        assert key == digest_key(digest)
+    else:
+        assert entry_id is not None and key & (2**21 - 1) == (int.from_bytes(digest[:8], "big") >> 1) & (2**21 - 1)
+
+
+@given(st.lists(st.integers(0, 2**42 - 1), min_size=2, max_size=20, unique=True))
+def test_ulid_keys_are_in_the_order_of_the_ids_times(times: list[int]) -> None:
+    """What makes journaling cheap: entries arriving in time order land next to each other in the index."""
+    keys = {t: dedupe_key(_id_digest(ulid(t)), ulid(t)) for t in times}
+    assert [keys[t] for t in sorted(times)] == sorted(keys.values())
+    assert all(key >= 0 for key in keys.values())
+
+
+@pytest.mark.parametrize("form", [str.lower, lambda u: "evt_" + u, lambda u: "audit-log-event-" + u])
+def test_a_ulid_s_time_is_read_in_any_case_and_after_a_prefix(form) -> None:  # type: ignore[no-untyped-def]
+    plain = ulid(1715673600567)
+    assert dedupe_key(b"\0" * 32, form(plain)) == dedupe_key(b"\0" * 32, plain) == 1715673600567 << 21
+
+
+def test_a_uuid7_s_time_is_read_and_other_uuids_take_a_digest_key() -> None:
+    v7 = "018f7a4e-3b2c-7d1e-9f00-123456789abc"
+    assert dedupe_key(b"\0" * 32, v7) == 0x018F7A4E3B2C << 21
+    v4 = str(uuid.UUID(bytes=hashlib.sha256(b"x").digest()[:16], version=4))
+    assert dedupe_key(_id_digest(v4), v4) == digest_key(_id_digest(v4))
+
+
+@pytest.mark.parametrize("entry_id", [None, "42", "user-1", "ZZZZZZZZZZZZZZZZZZZZZZZZZZ", "-1" + "0" * 24])
+def test_identities_without_a_usable_time_take_a_digest_key(entry_id: str | None) -> None:
+    """Beyond 2**42 ms (the year 2109), negative, or not a ULID: the digest's bits, below zero."""
+    digest = hashlib.sha256(b"whatever").digest()
+    assert dedupe_key(digest, entry_id) == digest_key(digest)
+
+
+def test_prepare_keys_entries_by_id_and_the_others_by_their_json() -> None:
+    with_ulid = prepare(entry(id=ulid(1715673600567)))
+    assert with_ulid.key >> 21 == 1715673600567
+    without_id = prepare(entry())
+    assert without_id.key == digest_key(identity_key(entry()))
+    assert stored_dedupe_key(with_ulid.digest, with_ulid.data) == with_ulid.key
+    assert stored_dedupe_key(without_id.digest, without_id.data) == without_id.key
+
+
+async def test_a_journal_of_an_earlier_version_is_migrated_and_still_deduplicates(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keys written before m002 (64 bits of the digest) are rewritten at the first start: an entry sent again
+    after the upgrade is still a duplicate. A re-delivery's row (routed to one destination) keeps no key."""
+    entries = [entry(id=ulid(1715673600000 + i)) for i in range(20)] + [entry(id=f"plain-{i}") for i in range(5)]
+    entries += [entry(f"user.updated.{i}") for i in range(5)]  # no id: identified by their JSON
+    monkeypatch.setattr(journal_schema, "MIGRATIONS", journal_schema.MIGRATIONS[:1])
+    async with open_journal(tmp_path) as journal:
+        old = [row._replace(key=int.from_bytes(row.digest[:8], "big", signed=True))
+               for row in map(prepare, entries)]
+        assert await journal.append("push", old, (), None, keep_cursor=True) == 30
+    with sqlite3.connect(tmp_path / JOURNAL_FILE) as db:
+        db.execute("INSERT INTO entries (key, digest, source, route, received_at, occurred_at, action, actor_type,"
+                   " target_types, data) SELECT NULL, digest, source, 'out', received_at, occurred_at, action,"
+                   " actor_type, target_types, data FROM entries WHERE seq = 1")
+    monkeypatch.undo()
+
+    async with open_journal(tmp_path) as journal:
+        again = await JournalIntake("push", journal, None).submit(entries)
+    assert (again.accepted, again.duplicates) == (0, 30)
+    with journal_db(tmp_path) as db:
+        rows = db.execute("SELECT key, digest, data, route FROM entries ORDER BY seq").fetchall()
+        assert db.execute("SELECT name FROM migrations ORDER BY name").fetchall() == [
+            ("m001_initial",), ("m002_time_ordered_keys",)]
+    assert [key for key, _, _, route in rows if route is not None] == [None]
+    assert [key for key, _, _, route in rows if route is None] == [prepare(e).key for e in entries]
+    assert sum(key >= 0 for key, *_ in rows if key is not None) == 20
