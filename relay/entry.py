@@ -57,9 +57,11 @@ _CROCKFORD_TO_BASE32HEX = str.maketrans("ABCDEFGHJKMNPQRSTVWXYZabcdefghjkmnpqrst
                                         "abcdefghijklmnopqrstuvabcdefghijklmnopqrstuv")
 """ULIDs spell their time in Crockford's base 32; `int(_, 32)` reads base32hex, whose digits this maps to
 in the same order."""
-_TIME_KEY_LIMIT = 1 << 42
-"""Milliseconds since 1970 a time key can hold (until the year 2109); later ones take a digest key."""
-_TIME_KEY_LOW_BITS = 21
+_TIME_KEY_PERIOD_BITS = 28
+"""A time key holds the id's milliseconds modulo 2**28 (3.1 days): enough to keep entries that arrive
+together next to each other; the other 35 bits come from the digest, so that two ids made in the same
+millisecond share a key once in 2**35 (for a year's 63-bit range of times it would be once in 2**22)."""
+_TIME_KEY_DIGEST_BITS = 63 - _TIME_KEY_PERIOD_BITS
 
 
 class NewEntry(NamedTuple):
@@ -178,15 +180,16 @@ def dedupe_key(digest: bytes, entry_id: str | None) -> int:
 
     An `id` that begins with the time it was made (a ULID, as incident.io and WorkOS use, optionally after
     a `prefix_`; or a UUIDv7) gives a key that begins with that time: entries arrive roughly in time order,
-    so their keys land together at the end of the index, and a commit rewrites a few of its pages rather
+    so their keys land next to each other in the index, and a commit rewrites a few of its pages rather
     than one page per entry scattered over all of them (measured: journaling 1M entries 43k -> 129k/s, and
     the rate stays flat as the journal grows instead of falling by half). Such keys are >= 0; any other
     identity takes 63 bits of the digest as a key < 0, so the two kinds never meet."""
     bits: int = _FIRST_64_BITS(digest)[0] >> 1
     if entry_id is not None:
         millis = _id_time(entry_id)
-        if millis is not None and 0 <= millis < _TIME_KEY_LIMIT:
-            return millis << _TIME_KEY_LOW_BITS | bits & ((1 << _TIME_KEY_LOW_BITS) - 1)
+        if millis is not None:
+            return (millis % (1 << _TIME_KEY_PERIOD_BITS)) << _TIME_KEY_DIGEST_BITS | (
+                bits & ((1 << _TIME_KEY_DIGEST_BITS) - 1))
     return -1 - bits
 
 

@@ -627,7 +627,7 @@ def _keep_collisions(db: sqlite3.Connection, entries: Sequence[EntryRow], source
                        " target_types, data) VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (digest, source, now, occurred_at, action, actor_type, target_types, data))
             kept += 1
-            log.warning("journal_key_collision", hint="two different entries share 64 bits of their digest; "
+            log.warning("journal_key_collision", hint="two different entries share a dedupe key; "
                                                       "both are kept")
     return kept
 
