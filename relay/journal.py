@@ -616,19 +616,36 @@ def _statement(insert: str, width: int, count: int) -> str:
     return insert.format(values=",".join(["(" + ",".join("?" * width) + ")"] * count))
 
 
+COLLISION_PROBES = 16
+"""Keys an entry whose own key is taken by a different entry may use instead: `key ^ 1` ... `key ^ 15`."""
+
+
 def _keep_collisions(db: sqlite3.Connection, entries: Sequence[EntryRow], source: str, now: float) -> int:
-    """Some entries were ignored as duplicates. One whose 64-bit key is taken by an entry with a different
-    digest is not a duplicate: store it without a key (so it is not deduplicated) rather than lose it."""
+    """Some entries were ignored as duplicates. One whose key is taken by an entry with a different digest
+    is not a duplicate of it: unless one of the other keys it may use holds its copy, it takes the first free
+    one (where a later copy finds it, and is deduplicated), or, with all taken, none (kept, but a later copy
+    of it would be journaled again). A key collision never loses an entry."""
     kept = 0
     for key, digest, data, occurred_at, action, actor_type, target_types, *_ in entries:
         found = db.execute("SELECT digest FROM entries WHERE key = ?", (key,)).fetchone()
-        if found is not None and found[0] != digest:
+        if found is None or found[0] == digest:
+            continue  # inserted, or a duplicate
+        free: int | None = None
+        for probe in range(1, COLLISION_PROBES):  # all of them: an entry between may have been pruned
+            other = db.execute("SELECT digest FROM entries WHERE key = ?", (key ^ probe,)).fetchone()
+            if other is None:
+                free = key ^ probe if free is None else free
+            elif other[0] == digest:
+                break
+        else:
             db.execute("INSERT INTO entries (key, digest, source, received_at, occurred_at, action, actor_type,"
-                       " target_types, data) VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       (digest, source, now, occurred_at, action, actor_type, target_types, data))
+                       " target_types, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (free, digest, source, now, occurred_at, action, actor_type, target_types, data))
             kept += 1
-            log.warning("journal_key_collision", hint="two different entries share a dedupe key; "
-                                                      "both are kept")
+            if free is None:
+                log.warning("journal_key_collision", key=key,
+                            hint=f"{COLLISION_PROBES} different entries share a dedupe key; all are kept, but this "
+                                 "one will not be deduplicated")
     return kept
 
 

@@ -100,7 +100,8 @@ def m002_time_ordered_keys(db: sqlite3.Connection) -> None:
     """Dedupe keys from `relay.entry.dedupe_key`, which puts the time of a ULID or UUIDv7 id first (before:
     64 bits of the digest, scattered over the whole index). One pass, as each pass rewrites every row (~20 s
     for 1M entries). Should a new key meet an old one not yet rewritten, or two entries share a new key,
-    the row keeps its key as it is, as at insert time (`_keep_collisions`): nothing is lost either way."""
+    the row keeps its old key: nothing is lost, but a copy of that entry sent again would be journaled
+    again (the chance is that of two entries sharing a key at insert time, see `_keep_collisions`)."""
     db.executescript(
         """
         UPDATE OR IGNORE entries SET key = relay_dedupe_key(digest, data) WHERE route IS NULL

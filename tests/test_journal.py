@@ -250,18 +250,33 @@ async def test_a_full_journal_at_start_prunes_nothing_undelivered(tmp_path: Path
         assert db.execute("SELECT count(*) FROM entries").fetchone()[0] == 50
 
 
-async def test_a_64_bit_key_collision_keeps_both_entries(tmp_path: Path) -> None:
-    """The dedupe index holds 64 bits of the digest; two different entries sharing them are both kept."""
+async def test_entries_sharing_a_key_are_all_kept_and_still_deduplicated(tmp_path: Path) -> None:
+    """The dedupe index holds 64 bits; different entries sharing them are all kept, each under the next
+    free key of its probe sequence, where its own copies find it. Past 16, one is kept without a key."""
     from relay.entry import prepare
 
-    first, second = prepare(entry()), prepare(entry("user.created"))
-    clash = second._replace(key=first.key)
+    first = prepare(entry())
+    clashes = [prepare(entry(f"user.created.{i}"))._replace(key=first.key) for i in range(16)]
     async with open_journal(tmp_path) as journal:
         assert await journal.append("push", [first], (), None, keep_cursor=True) == 1
-        assert await journal.append("push", [clash, first], (), None, keep_cursor=True) == 1
+        assert await journal.append("push", [clashes[0], first], (), None, keep_cursor=True) == 1
+        assert await journal.append("push", [clashes[0], first], (), None, keep_cursor=True) == 0, "copies"
+        assert await journal.append("push", clashes, (), None, keep_cursor=True) == 15
     with journal_db(tmp_path) as db:
         rows = db.execute("SELECT key, action FROM entries ORDER BY seq").fetchall()
-    assert rows == [(first.key, "api_key.created"), (None, "user.created")]
+    assert rows == [(first.key, "api_key.created"), *((first.key ^ i, f"user.created.{i - 1}") for i in range(1, 16)),
+                    (None, "user.created.15")]
+
+
+async def test_a_copy_is_found_past_a_pruned_entry_of_its_probe_sequence(tmp_path: Path) -> None:
+    from relay.entry import prepare
+
+    first = prepare(entry())
+    second, third = (prepare(entry(f"user.created.{i}"))._replace(key=first.key) for i in range(2))
+    async with open_journal(tmp_path) as journal:
+        assert await journal.append("push", [first, second, third], (), None, keep_cursor=True) == 3
+        await journal.write(lambda db: db.execute("DELETE FROM entries WHERE key = ?", (first.key ^ 1,)))
+        assert await journal.append("push", [third, first], (), None, keep_cursor=True) == 0
 
 
 async def test_numbers_beyond_64_bits_are_quarantined_not_rounded(tmp_path: Path) -> None:
