@@ -1,6 +1,6 @@
 """Engine benchmarks: the journal's raw insert rate, and demo -> journal -> file end to end.
 
-    .venv/bin/python bench/bench_engine.py [--n 100000] [--json]
+    .venv/bin/python bench/bench_engine.py [--n 100000] [--growth 1000000] [--json]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import trio
 import yaml
 
 from common import ROOT, Report, cpu_seconds, peak_rss_bytes
-from relay.entry import prepare
+from relay.entry import NewEntry, prepare
 from relay.intake import JournalIntake
 from relay.journal import Journal
 from relay_plugins.demo import DemoSource
@@ -52,6 +52,31 @@ async def journal_rates(entries: list[dict[str, object]], report: Report) -> Non
                 nursery.cancel_scope.cancel()
             await journal.close()
             report.add(f"journal {label}", len(entries) / elapsed, "entries/s")
+
+
+async def journal_growth(prepared: list[NewEntry], report: Report) -> None:
+    """Appends in 10,000-entry chunks (an import's) while the journal grows: the rate of each fifth shows
+    whether it falls as the dedupe index grows."""
+    n = len(prepared)
+    fifths: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        journal = Journal(Path(tmp), max_size=1 << 36, retention=365 * 86400)
+        await journal.open()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(journal.run)
+            started = last = time.perf_counter()
+            for i in range(0, n, 10_000):
+                await journal.append("bench", prepared[i:i + 10_000], (), None, keep_cursor=True)
+                if (i + 10_000) % (n // 5) == 0:
+                    now = time.perf_counter()
+                    fifths.append(n / 5 / (now - last))
+                    last = now
+            elapsed = time.perf_counter() - started
+            nursery.cancel_scope.cancel()
+        await journal.close()
+    report.add(f"journal append growing to {n:,} entries, 10,000-entry chunks", n / elapsed, "entries/s")
+    for index, rate in enumerate(fifths):
+        report.add(f"  fifth {index + 1}", rate, "entries/s")
 
 
 async def _writer(journal: Journal, intake: JournalIntake, chunks: list[list], validate: bool) -> None:  # type: ignore[type-arg]
@@ -103,10 +128,14 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100_000)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--data", type=Path, help="a JSON-lines file for the import run (e.g. the peer's data set)")
+    parser.add_argument("--growth", type=int, default=0, metavar="N",
+                        help="also journal N entries into one journal, with the rate of each fifth (e.g. 1000000)")
     args = parser.parse_args()
     report = Report("engine")
     entries = make_entries(args.n)
     trio.run(journal_rates, entries, report)
+    if args.growth:
+        trio.run(journal_growth, [prepare(e) for e in make_entries(args.growth)], report)
     to_file("demo -> journal -> file", args.n, {"type": "demo", "rate": 1_000_000, "count": args.n, "seed": 1},
             report)
     if args.data is not None:
