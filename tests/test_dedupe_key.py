@@ -113,6 +113,7 @@ async def test_a_journal_of_an_earlier_version_is_migrated_and_still_deduplicate
     monkeypatch.undo()
 
     async with open_journal(tmp_path) as journal:
+        assert (tmp_path / f"{JOURNAL_FILE}-wal").stat().st_size == 0, "the migration's copy in the WAL is let go"
         again = await JournalIntake("push", journal, None).submit(entries)
     assert (again.accepted, again.duplicates) == (0, 30)
     with journal_db(tmp_path) as db:
