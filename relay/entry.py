@@ -41,6 +41,7 @@ __all__ = [
     "prepare",
     "prepare_batch",
     "prepare_raw",
+    "stored_dedupe_key",
 ]
 
 _RFC3339 = re.compile(
@@ -158,11 +159,18 @@ def identity_key(value: dict[str, Any]) -> bytes:
 
 def _identity(value: dict[str, Any]) -> tuple[bytes, str | None]:
     """The identity digest, and the `id` it is of (None: of the canonical JSON)."""
-    entry_id = value.get("id")
-    if isinstance(entry_id, (str, int)) and not isinstance(entry_id, bool) and entry_id != "":
-        entry_id = str(entry_id)
+    entry_id = _identifying_id(value)
+    if entry_id is not None:
         return _id_digest(entry_id), entry_id
     return _sha256(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)).digest(), None
+
+
+def _identifying_id(value: dict[str, Any]) -> str | None:
+    """The entry's `id` as its identity: a non-empty string or an integer (as text); else None."""
+    entry_id = value.get("id")
+    if isinstance(entry_id, (str, int)) and not isinstance(entry_id, bool) and entry_id != "":
+        return str(entry_id)
+    return None
 
 
 def _id_digest(entry_id: str) -> bytes:
@@ -196,12 +204,8 @@ def dedupe_key(digest: bytes, entry_id: str | None) -> int:
 def stored_dedupe_key(digest: bytes, data: bytes) -> int:
     """`dedupe_key` of an entry already journaled (its digest and stored JSON): for the journal's migration
     from the keys of earlier versions."""
-    entry_id = orjson.loads(data).get("id")
-    if isinstance(entry_id, (str, int)) and not isinstance(entry_id, bool) and entry_id != "":
-        entry_id = str(entry_id)
-        if _id_digest(entry_id) == digest:
-            return dedupe_key(digest, entry_id)
-    return dedupe_key(digest, None)
+    entry_id = _identifying_id(orjson.loads(data))
+    return dedupe_key(digest, entry_id if entry_id is not None and _id_digest(entry_id) == digest else None)
 
 
 def _id_time(entry_id: str) -> int | None:

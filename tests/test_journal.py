@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -11,6 +12,7 @@ import trio
 
 import relay
 from relay.intake import JournalIntake
+from relay.journal import Journal
 from tests import scripted
 from tests.helpers import config_dict, entry, journal_db, make_config, running_relay
 from tests.journal_harness import open_journal
@@ -166,6 +168,14 @@ async def test_full_journal_pauses_sources_until_delivery_frees_space(tmp_path: 
         assert db.execute("SELECT cursor FROM sources WHERE name = 'demo'").fetchone()[0] == "6000"
 
 
+def fill_disk(journal: Journal, monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    """Make every group commit fail as SQLite does on a full disk; returns what gives the space back."""
+    run_group = journal._run_group
+    full = sqlite3.OperationalError("database or disk is full")
+    monkeypatch.setattr(journal, "_run_group", lambda ops: journal._fail_all(ops, full))
+    return lambda: monkeypatch.setattr(journal, "_run_group", run_group)
+
+
 async def test_a_full_disk_refuses_intake_and_holds_bookkeeping_until_space_returns(
         tmp_path: Path, script: scripted.Script, monkeypatch: pytest.MonkeyPatch) -> None:
     """SQLITE_FULL while a batch is in flight: its outcome waits to be recorded (the relay stays up), intake
@@ -178,9 +188,7 @@ async def test_a_full_disk_refuses_intake_and_holds_bookkeeping_until_space_retu
         journal, intake, loop = service.journal, service.sources["in"].intake, service.destinations["out"].loop
         await intake.submit([entry(id=f"evt_{i}") for i in range(5)])
         await script.wait(lambda s: s.attempts == 1)
-        run_group = journal._run_group
-        disk_full = sqlite3.OperationalError("database or disk is full")
-        monkeypatch.setattr(journal, "_run_group", lambda ops: journal._fail_all(ops, disk_full))
+        space_returns = fill_disk(journal, monkeypatch)
         with pytest.raises(relay.JournalUnavailable, match="disk is full"):
             await intake.submit([entry(id="evt_refused")])
         assert not intake.writable
@@ -189,7 +197,7 @@ async def test_a_full_disk_refuses_intake_and_holds_bookkeeping_until_space_retu
         with trio.move_on_after(1.5):  # the outcome is retried while the disk stays full
             await loop.wait_offset(5)
         assert loop.offset == 0 and journal.running, "waiting for space, not crashed"
-        monkeypatch.setattr(journal, "_run_group", run_group)
+        space_returns()
         with trio.fail_after(10):
             await loop.wait_offset(5)
             await journal.wait_writable()
@@ -214,9 +222,7 @@ async def test_a_full_disk_does_not_hold_back_retries_of_batches_in_flight(
         journal, intake, loop = service.journal, service.sources["in"].intake, service.destinations["out"].loop
         await intake.submit([entry(id=f"evt_{i}") for i in range(5)])
         await script.wait(lambda s: s.attempts == 1)
-        run_group = journal._run_group
-        disk_full = sqlite3.OperationalError("database or disk is full")
-        monkeypatch.setattr(journal, "_run_group", lambda ops: journal._fail_all(ops, disk_full))
+        space_returns = fill_disk(journal, monkeypatch)
         script.answers = [busy] * 10**6
         script.gate.set()
         with trio.fail_after(10):
@@ -224,7 +230,7 @@ async def test_a_full_disk_does_not_hold_back_retries_of_batches_in_flight(
         assert loop.state == "retrying" and not journal.writable
         with journal_db(tmp_path / "state") as db:
             assert db.execute("SELECT state FROM destinations").fetchone()[0] == "up", "not written yet"
-        monkeypatch.setattr(journal, "_run_group", run_group)
+        space_returns()
         with trio.fail_after(10):
             await loop.wait_state("retrying")
         with journal_db(tmp_path / "state") as db:
