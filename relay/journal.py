@@ -10,8 +10,10 @@ per connection, never on the event loop.
 When the disk is full (SQLITE_FULL), appends fail at once with `JournalUnavailable` (a push source
 answers 503) while the relay's own bookkeeping (batch boundaries, offsets, states, plugin state) waits
 for space and is retried, so deliveries in flight are recorded once space returns instead of taking the
-relay down. Log events: `journal_full`, `journal_resumed`, `journal_disk_full` (warning, once per
-episode), `journal_disk_space_returned`.
+relay down. A destination's state (for `relay status`) does not wait: it is written again later. Log
+events: `journal_full`, `journal_resumed`, `journal_disk_full` (warning, once per episode),
+`journal_disk_space_returned`, `journal_key_collision` (warning: an entry that cannot be deduplicated);
+`journal_migrating` and `journal_migrated` come from `journal_schema`.
 """
 
 from __future__ import annotations
