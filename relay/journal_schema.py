@@ -97,14 +97,15 @@ def m001_initial(db: sqlite3.Connection) -> None:
 
 
 def m002_time_ordered_keys(db: sqlite3.Connection) -> None:
-    """Dedupe keys from `relay.entry.dedupe_key`, which puts the time of a ULID or UUIDv7 id first (before:
-    64 bits of the digest, scattered over the whole index). One pass, as each pass rewrites every row (~20 s
-    for 1M entries). Should a new key meet an old one not yet rewritten, or two entries share a new key,
-    the row keeps its old key: nothing is lost, but a copy of that entry sent again would be journaled
-    again (the chance is that of two entries sharing a key at insert time, see `_keep_collisions`)."""
+    """Dedupe keys from `relay.entry.dedupe_key`, which puts the time of a ULID or UUIDv7 id, or of an
+    entry without an id, first (before: 64 bits of the digest, scattered over the whole index). One pass,
+    as each pass rewrites every row (~20 s for 1M entries). Should a new key meet an old one not yet
+    rewritten, or two entries share a new key, the row keeps its old key: nothing is lost, but a copy of
+    that entry sent again would be journaled again (the chance is that of two entries sharing a key at
+    insert time, see `_keep_collisions`)."""
     db.executescript(
         """
-        UPDATE OR IGNORE entries SET key = relay_dedupe_key(digest, data) WHERE route IS NULL
+        UPDATE OR IGNORE entries SET key = relay_dedupe_key(digest, data, occurred_at) WHERE route IS NULL
         """
     )
 
@@ -139,7 +140,7 @@ def connect(state_dir: Path, *, readonly: bool = False, cache_kib: int = 16_000)
         # of them for a 200,000-entry import). In memory they are a copy; a savepoint holds a few MiB.
         db.execute("PRAGMA temp_store=MEMORY")
         if not readonly:
-            db.create_function("relay_dedupe_key", 2, stored_dedupe_key, deterministic=True)  # for m002
+            db.create_function("relay_dedupe_key", 3, stored_dedupe_key, deterministic=True)  # for m002
             _migrate(db)
         return db
     except sqlite3.DatabaseError as exc:
