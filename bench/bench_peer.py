@@ -35,7 +35,7 @@ import trio
 import yaml
 
 from common import ROOT, Report, cpu_seconds, free_port, peak_rss_bytes, workers_peak_rss_bytes
-from relay_plugins.demo import DemoSource
+from relay_plugins.demo import DemoSource, ulid
 
 TOKEN = "11111111-2222-3333-4444-555555555555"
 
@@ -62,9 +62,7 @@ def write_data(path: Path, n: int) -> None:
 def bench_id(i: int) -> str:
     """The i-th entry's id: a ULID one millisecond after the previous one's, unique by `i`, as the audit log
     gives them (the journal's dedupe keys depend on ids that begin with their time)."""
-    crockford = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-    value = (1715673600000 + i) << 80 | i
-    return "".join(crockford[(value >> shift) & 31] for shift in range(125, -1, -5))
+    return ulid(1715673600000 + i, i)
 
 
 def start_receiver(tmp: Path) -> tuple[subprocess.Popen[bytes], str, str]:

@@ -115,7 +115,12 @@ class DemoSource(relay.Source):
 
 
 def _ulid(rng: random.Random, at: float) -> str:
-    value = (int(at * 1000) << 80) | rng.getrandbits(80)
+    return ulid(int(at * 1000), rng.getrandbits(80))
+
+
+def ulid(millis: int, randomness: int) -> str:
+    """A ULID's text: 48 bits of milliseconds, then 80 of `randomness`, in Crockford's base 32."""
+    value = millis << 80 | randomness
     return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
 
 
