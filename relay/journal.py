@@ -632,22 +632,20 @@ def _keep_collisions(db: sqlite3.Connection, entries: Sequence[EntryRow], source
         found = db.execute("SELECT digest FROM entries WHERE key = ?", (key,)).fetchone()
         if found is None or found[0] == digest:
             continue  # inserted, or a duplicate
-        free: int | None = None
-        for probe in range(1, COLLISION_PROBES):  # all of them: an entry between may have been pruned
-            other = db.execute("SELECT digest FROM entries WHERE key = ?", (key ^ probe,)).fetchone()
-            if other is None:
-                free = key ^ probe if free is None else free
-            elif other[0] == digest:
-                break
-        else:
-            db.execute("INSERT INTO entries (key, digest, source, received_at, occurred_at, action, actor_type,"
-                       " target_types, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       (free, digest, source, now, occurred_at, action, actor_type, target_types, data))
-            kept += 1
-            if free is None:
-                log.warning("journal_key_collision", key=key,
-                            hint=f"{COLLISION_PROBES} different entries share a dedupe key; all are kept, but this "
-                                 "one will not be deduplicated")
+        probes = [key ^ probe for probe in range(1, COLLISION_PROBES)]
+        held = dict(db.execute(f"SELECT key, digest FROM entries WHERE key IN ({','.join('?' * len(probes))})",
+                               probes).fetchall())  # all of them: an entry between may have been pruned
+        if digest in held.values():
+            continue  # a duplicate of an entry that collided before
+        free = next((probe for probe in probes if probe not in held), None)
+        db.execute("INSERT INTO entries (key, digest, source, received_at, occurred_at, action, actor_type,"
+                   " target_types, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                   (free, digest, source, now, occurred_at, action, actor_type, target_types, data))
+        kept += 1
+        if free is None:
+            log.warning("journal_key_collision", key=key,
+                        hint=f"{COLLISION_PROBES} different entries share a dedupe key; all are kept, but this "
+                             "one will not be deduplicated")
     return kept
 
 
