@@ -1,12 +1,14 @@
-"""Engine benchmarks: the journal's raw insert rate, and demo -> journal -> file end to end.
+"""Engine benchmarks: the journal's raw insert rate; demo -> journal -> file and file import -> journal ->
+file end to end; and the import and the `file` destination each alone, with what their CPU allows together.
 
-    .venv/bin/python bench/bench_engine.py [--n 100000] [--growth 1000000] [--json]
+    .venv/bin/python bench/bench_engine.py [--n 100000] [--data FILE] [--growth 1000000] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import resource
 import subprocess
 import sys
 import tempfile
@@ -90,37 +92,72 @@ async def _writer(journal: Journal, intake: JournalIntake, chunks: list[list], v
 def to_file(label: str, n: int, source: dict[str, object], report: Report, data: Path | None = None) -> None:
     """`relay run` with `source` and a `file` destination, timed until the file holds N lines."""
     with tempfile.TemporaryDirectory() as tmp:
-        out, config = Path(tmp) / "out.jsonl", Path(tmp) / "relay.yaml"
         if data is not None:
             from bench_peer import write_data
 
             write_data(data, n)
-        config.write_text(yaml.safe_dump({
-            "state_dir": str(Path(tmp) / "state"), "log": {"format": "json", "level": "warning"},
-            "metrics": {"listen": None}, "sources": {"in": source},
-            "destinations": {"out": {"type": "file", "path": str(out)}},
-        }))
-        started = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "relay", "run", "--config", str(config)], cwd=ROOT)
-        lines, rss, counted = 0, 0, 0
-        while lines < n:
-            time.sleep(0.05)
-            rss = max(rss, peak_rss_bytes(proc.pid))
-            if out.exists():  # count only what is new: re-reading the whole file would compete for the CPU
-                with open(out, "rb") as f:
-                    f.seek(counted)
-                    for chunk in iter(lambda: f.read(1 << 20), b""):
-                        lines += chunk.count(b"\n")
-                        counted += len(chunk)
-            if proc.poll() is not None:
-                raise SystemExit(f"relay exited with {proc.returncode}")
-        elapsed = time.perf_counter() - started
-        cpu = cpu_seconds(proc.pid)
-        proc.terminate()
-        proc.wait(timeout=60)
+        elapsed, cpu, rss = _run_to_file(Path(tmp), n, {"in": source})
     report.add(f"{label}, {n:,} entries (incl. start-up)", n / elapsed, "entries/s")
     report.add("  relay CPU per entry", cpu / n * 1e6, "us")
     report.add("  peak RSS", rss / 1048576, "MiB")
+
+
+def import_then_drain(data: Path, n: int, report: Report) -> None:
+    """The two halves of the import -> file job, one after the other: `relay import` of `data` alone (its
+    CPU includes the parse workers'), then the `file` destination alone, draining that journal. Their CPU
+    per entry, added, is what the whole job costs: on two cores the end-to-end rate cannot pass
+    2 / (the sum) however the work overlaps."""
+    with tempfile.TemporaryDirectory() as tmp:
+        state = Path(tmp) / "state"
+        config = Path(tmp) / "import.yaml"
+        config.write_text(yaml.safe_dump({"state_dir": str(state), "log": {"format": "json", "level": "warning"},
+                                          "metrics": {"listen": None},
+                                          "sources": {"in": {"type": "file", "path": str(data)}}}))
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "relay", "import", "--config", str(config), "--source", "in", str(data)],
+                       cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        imported = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the relay and its parse workers, reaped
+        import_cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        elapsed, drain_cpu, rss = _run_to_file(Path(tmp), n, {})
+    report.add(f"relay import alone, {n:,} entries", n / imported, "entries/s")
+    report.add("  import CPU per entry (incl. parse workers)", import_cpu / n * 1e6, "us")
+    report.add(f"file destination alone, draining {n:,} journaled entries (incl. start-up)", n / elapsed, "entries/s")
+    report.add("  relay CPU per entry", drain_cpu / n * 1e6, "us")
+    report.add("  peak RSS", rss / 1048576, "MiB")
+    report.add("  two-core bound for import -> file: 2 cores / (import + drain CPU per entry)",
+               2 / (import_cpu + drain_cpu) * n, "entries/s")
+
+
+def _run_to_file(tmp: Path, n: int, sources: dict[str, object]) -> tuple[float, float, int]:
+    """`relay run` with `sources` (none: drain the journal already in `tmp/state`) and a `file` destination
+    into `tmp/out.jsonl`, until the file holds N lines: (seconds, relay CPU seconds, peak RSS)."""
+    out, config = tmp / "out.jsonl", tmp / "relay.yaml"
+    config.write_text(yaml.safe_dump({
+        "state_dir": str(tmp / "state"), "log": {"format": "json", "level": "warning"},
+        "metrics": {"listen": None}, "sources": sources,
+        "destinations": {"out": {"type": "file", "path": str(out)}},
+    }))
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "relay", "run", "--config", str(config)], cwd=ROOT)
+    lines, rss, counted = 0, 0, 0
+    while lines < n:
+        time.sleep(0.05)
+        rss = max(rss, peak_rss_bytes(proc.pid))
+        if out.exists():  # count only what is new: re-reading the whole file would compete for the CPU
+            with open(out, "rb") as f:
+                f.seek(counted)
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    lines += chunk.count(b"\n")
+                    counted += len(chunk)
+        if proc.poll() is not None:
+            raise SystemExit(f"relay exited with {proc.returncode}")
+    elapsed = time.perf_counter() - started
+    cpu = cpu_seconds(proc.pid)
+    proc.terminate()
+    proc.wait(timeout=60)
+    return elapsed, cpu, rss
 
 
 def main() -> None:
@@ -143,10 +180,12 @@ def main() -> None:
             lines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
         to_file(f"file import ({args.data.name}) -> journal -> file", lines, {"type": "file", "path": str(args.data)},
                 report)
+        import_then_drain(args.data, lines, report)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             data = Path(tmp) / "data.jsonl"
             to_file("file import -> journal -> file", args.n, {"type": "file", "path": str(data)}, report, data)
+            import_then_drain(data, args.n, report)
     report.print()
 
 
