@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,9 @@ class Report:
     bench: str
     as_json: bool = field(default_factory=lambda: "--json" in sys.argv)
     rows: list[tuple[str, float, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        warn_if_busy()
 
     def add(self, metric: str, value: float, unit: str) -> None:
         self.rows.append((metric, value, unit))
@@ -35,6 +39,61 @@ class Report:
         for metric, value, unit in self.rows:
             shown = f"{value:,.0f}" if abs(value) >= 100 else f"{value:,.3f}"
             print(f"  {metric.ljust(width)}  {shown:>14} {unit}")
+
+
+BUSY_WARNING = 0.10
+"""Share of the machine's CPU in use, before a benchmark starts, above which it warns."""
+
+
+def warn_if_busy(seconds: float = 1.0) -> None:
+    """Say so on stderr when something else is using the CPU before a benchmark starts, naming the busiest
+    processes: the relay shares the cores with whatever runs, and a forgotten busy process makes every
+    figure low without any other sign (it happened while measuring for issue 9)."""
+    before, busy_before = _cpu_times(), _process_ticks()
+    if before is None:
+        return  # no /proc: not Linux
+    time.sleep(seconds)
+    after, busy_after = _cpu_times(), _process_ticks()
+    assert after is not None
+    total, idle = after[0] - before[0], after[1] - before[1]
+    busy = 1 - idle / total if total > 0 else 0.0
+    if busy <= BUSY_WARNING:
+        return
+    top = sorted(((ticks - busy_before.get(pid, (0, ""))[0], name) for pid, (ticks, name) in busy_after.items()),
+                 reverse=True)[:3]
+    hz = os.sysconf("SC_CLK_TCK")
+    names = ", ".join(f"{name} {ticks / hz / seconds:.0%} of a core" for ticks, name in top
+                      if ticks / hz / seconds >= 0.05)
+    print(f"warning: the machine was {busy:.0%} busy before this benchmark started ({names}); its figures "
+          "will be low: run nothing else meanwhile", file=sys.stderr, flush=True)
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    """(all, idle + iowait) jiffies since boot, from /proc/stat."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return None
+    return sum(fields), fields[3] + fields[4]
+
+
+def _process_ticks() -> dict[int, tuple[int, str]]:
+    """User + system jiffies and the name of every process now."""
+    found: dict[int, tuple[int, str]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                found[int(entry.name)] = _stat(int(entry.name))
+    return found
+
+
+def _stat(pid: int) -> tuple[int, str]:
+    """User + system CPU in jiffies and the name of a process, from /proc/PID/stat (raises OSError when it
+    is gone)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    name, fields = stat.split("(", 1)[1].rsplit(")", 1)
+    numbers = fields.split()
+    return int(numbers[11]) + int(numbers[12]), name
 
 
 def _status_bytes(pid: int, key: str) -> int:
@@ -80,8 +139,7 @@ def cpu_seconds(pid: int) -> float:
     total = 0.0
     for one in (pid, *children(pid)):
         with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            total += _stat(one)[0] / os.sysconf("SC_CLK_TCK")
     return total
 
 

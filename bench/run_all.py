@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from common import warn_if_busy
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -21,6 +23,7 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated bench names (the part after bench_)")
     args = parser.parse_args()
     wanted = set(args.only.split(",")) if args.only else None
+    warn_if_busy()
     rows: list[dict[str, object]] = []
     for script in sorted(HERE.glob("bench_*.py")):
         name = script.stem.removeprefix("bench_")
@@ -28,6 +31,9 @@ def main() -> None:
             continue
         print(f"running {script.name} ...", file=sys.stderr, flush=True)
         result = subprocess.run([sys.executable, str(script), "--json"], capture_output=True, text=True)
+        for line in result.stderr.splitlines():
+            if line.startswith("warning: the machine was"):
+                print(f"{script.name}: {line}", file=sys.stderr, flush=True)
         if result.returncode != 0:
             rows.append({"bench": name, "metric": f"FAILED (exit {result.returncode})", "value": 0, "unit": ""})
             print(result.stderr[-2000:], file=sys.stderr)
