@@ -64,8 +64,8 @@ def warn_if_busy(seconds: float = 1.0) -> None:
     hz = os.sysconf("SC_CLK_TCK")
     names = ", ".join(f"{name} {ticks / hz / seconds:.0%} of a core" for ticks, name in top
                       if ticks / hz / seconds >= 0.05)
-    print(f"warning: the machine was {busy:.0%} busy before this benchmark started ({names}); its figures "
-          "will be low: run nothing else meanwhile", file=sys.stderr, flush=True)
+    print(f"warning: the machine was {busy:.0%} busy before this benchmark started{f' ({names})' if names else ''};"
+          " its figures will be low: run nothing else meanwhile", file=sys.stderr, flush=True)
 
 
 def _cpu_times() -> tuple[int, int] | None:
