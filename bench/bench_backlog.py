@@ -30,15 +30,21 @@ from relay.journal_schema import JOURNAL_FILE
 
 
 def prefill(state: Path, data: Path) -> int:
-    """Journal the data file with `relay import` (the product's own path), then forget the source."""
+    """Journal the data file (`relay_import`); how many entries the journal then holds."""
+    relay_import(state, data)
+    with sqlite3.connect(state / JOURNAL_FILE) as db:
+        return int(db.execute("SELECT count(*) FROM entries").fetchone()[0])
+
+
+def relay_import(state: Path, data: Path) -> None:
+    """Journal the data file into `state` with `relay import` (the product's own path), then forget the
+    source; its configuration is written beside `state`."""
     config = state.parent / "import.yaml"
     config.write_text(yaml.safe_dump({"state_dir": str(state), "log": {"level": "warning", "format": "json"},
                                       "metrics": {"listen": None},
                                       "sources": {"backfill": {"type": "file", "path": str(data)}}}))
     subprocess.run([sys.executable, "-m", "relay", "import", "--config", str(config), "--source", "backfill",
                     str(data)], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    with sqlite3.connect(state / JOURNAL_FILE) as db:
-        return int(db.execute("SELECT count(*) FROM entries").fetchone()[0])
 
 
 def offset(state: Path) -> int:

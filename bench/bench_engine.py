@@ -107,16 +107,12 @@ def import_then_drain(data: Path, n: int, report: Report) -> None:
     CPU includes the parse workers'), then the `file` destination alone, draining that journal. Their CPU
     per entry, added, is what the whole job costs: on two cores the end-to-end rate cannot pass
     2 / (the sum) however the work overlaps."""
+    from bench_backlog import relay_import
+
     with tempfile.TemporaryDirectory() as tmp:
-        state = Path(tmp) / "state"
-        config = Path(tmp) / "import.yaml"
-        config.write_text(yaml.safe_dump({"state_dir": str(state), "log": {"format": "json", "level": "warning"},
-                                          "metrics": {"listen": None},
-                                          "sources": {"in": {"type": "file", "path": str(data)}}}))
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "relay", "import", "--config", str(config), "--source", "in", str(data)],
-                       cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        relay_import(Path(tmp) / "state", data)
         imported = time.perf_counter() - started
         after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the relay and its parse workers, reaped
         import_cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
