@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from common import ROOT, Report, cpu_seconds, free_port, rss_bytes, workers_rss_bytes
+from common import ROOT, Report, cpu_seconds, free_ports, rss_bytes, workers_rss_bytes
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     report = Report("idle")
     with tempfile.TemporaryDirectory() as tmp:
-        metrics_port, push_port = free_port(), free_port()
+        metrics_port, push_port = free_ports(2)
         config = Path(tmp) / "relay.yaml"
         config.write_text(yaml.safe_dump({
             "state_dir": str(Path(tmp) / "state"), "log": {"format": "json", "level": "warning"},

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -33,9 +33,21 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
     """A port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    [port] = free_ports(1, kind)
+    return port
+
+
+def free_ports(n: int, kind: int = socket.SOCK_STREAM) -> list[int]:
+    """`n` different ports that were free on 127.0.0.1 a moment ago.
+
+    All `n` sockets stay bound until every port is chosen: a port released and asked for again at once
+    can come back from the kernel a second time, and two listeners on one port make the second one fail.
+    """
+    with ExitStack() as held:
+        socks = [held.enter_context(socket.socket(socket.AF_INET, kind)) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 def config_dict(tmp_path: Path, sources: dict[str, Any] | None = None,

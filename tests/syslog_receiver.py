@@ -19,7 +19,7 @@ from typing import Any
 
 import trio
 
-from tests.helpers import free_port
+from tests.helpers import free_port, free_ports
 
 SYSLOG_NG = shutil.which("syslog-ng") or next(
     (p for p in ("/usr/sbin/syslog-ng", "/sbin/syslog-ng") if Path(p).exists()), None)
@@ -27,6 +27,10 @@ SYSLOG_NG = shutil.which("syslog-ng") or next(
 TEMPLATE = ("$(format-json --pair src=${SOURCE} --pair pri=${PRI} --pair ts=${ISODATE} --pair host=${HOST} "
             "--pair app=${PROGRAM} --pair procid=${PID} --pair msgid=${MSGID} --pair msg=${MSG} "
             "--pair raw=${RAWMSG} --scope sdata)\\n")
+
+
+class PortTaken(RuntimeError):
+    """syslog-ng could not bind one of its ports: something else took it after it was chosen."""
 
 
 @dataclass(frozen=True)
@@ -47,15 +51,21 @@ class SyslogNg:
         self.template = "${RAWMSG}\\n" if raw_only else TEMPLATE
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.tls = tls
-        self.ports = {"tcp": free_port(), "lf": free_port(), "udp": free_port(socket.SOCK_DGRAM)}
-        if tls is not None:
-            self.ports["tls"] = free_port()
-            if tls.client_ca is not None:
-                self.ports["mtls"] = free_port()
         self.output = workdir / "received.jsonl"
         self.config = workdir / "syslog-ng.conf"
-        self.config.write_text(self._config_text())
+        self.ports: dict[str, int] = {}
+        self._choose_ports()
         self.proc: trio.Process | None = None
+        self._started = False
+
+    def _choose_ports(self) -> None:
+        """Pick the ports (all different) and write the configuration that listens on them."""
+        names = ["tcp", "lf"]
+        if self.tls is not None:
+            names += ["tls"] if self.tls.client_ca is None else ["tls", "mtls"]
+        self.ports = dict(zip(names, free_ports(len(names)), strict=True))
+        self.ports["udp"] = free_port(socket.SOCK_DGRAM)
+        self.config.write_text(self._config_text())
 
     def _config_text(self) -> str:
         ip = 'ip("127.0.0.1")'
@@ -85,10 +95,27 @@ class SyslogNg:
             "",
         ])
 
-    async def start(self, deadline: float = 20.0) -> None:
-        """Start in the foreground and wait until every TCP port accepts connections."""
+    async def start(self, deadline: float = 20.0, attempts: int = 3) -> None:
+        """Start in the foreground and wait until every TCP port accepts connections.
+
+        A port chosen free can be taken by another process before syslog-ng binds it; syslog-ng then
+        exits at once. The first start then tries again on new ports; a restart keeps its ports, which
+        the relay under test is already configured with.
+        """
+        for attempt in range(1, attempts + 1):
+            try:
+                await self._start_once(deadline)
+                self._started = True
+                return
+            except PortTaken:
+                if self._started or attempt == attempts:
+                    raise
+                self._choose_ports()
+
+    async def _start_once(self, deadline: float) -> None:
         assert self.proc is None or self.proc.returncode is not None, "already running"
         w = self.workdir
+        logged_before = len(self.log_text())
         with open(w / "syslog-ng.log", "ab") as log:  # noqa: ASYNC230 - a local file, opened once
             self.proc = await trio.lowlevel.open_process(
                 [str(SYSLOG_NG), "-F", "-f", str(self.config), "-R", str(w / "syslog-ng.persist"),
@@ -98,7 +125,9 @@ class SyslogNg:
             # An external process: nothing to await but its ports opening.
             while not all(map(self._accepts, (p for k, p in self.ports.items() if k != "udp"))):
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"syslog-ng exited with {self.proc.returncode}:\n{self.log_text()}")
+                    taken = "Address already in use" in self.log_text()[logged_before:]
+                    error = PortTaken if taken else RuntimeError
+                    raise error(f"syslog-ng exited with {self.proc.returncode}:\n{self.log_text()}")
                 await trio.sleep(0.02)
             return
         await self.stop()

@@ -28,7 +28,7 @@ from tests.helpers import (
     config_dict,
     destination_row,
     entry,
-    free_port,
+    free_ports,
     make_config,
     running_relay,
     wait_until_sync,
@@ -258,7 +258,7 @@ def test_relay_reload_signals_the_running_process_and_reports_the_outcome(tmp_pa
 
 
 async def test_metrics_endpoint_moves_to_its_new_address(tmp_path: Path, script: scripted.Script) -> None:
-    first, second = free_port(), free_port()
+    first, second = free_ports(2)
     src, dest = {"in": {"type": "manual"}}, {"out": {"type": "scripted", "script": "main"}}
     async with running_relay(_config(tmp_path, src, dest, metrics={"listen": f"127.0.0.1:{first}"})) as service, \
             httpx.AsyncClient() as client:

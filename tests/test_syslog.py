@@ -44,7 +44,7 @@ from tests.helpers import (
     running_relay,
     wait_until,
 )
-from tests.syslog_receiver import SYSLOG_NG, SyslogNg, TlsFiles
+from tests.syslog_receiver import SYSLOG_NG, PortTaken, SyslogNg, TlsFiles
 
 AUTHPRIV = 10
 SOURCE_OF = {"tcp": "s_tcp", "lf": "s_lf", "udp": "s_udp", "tls": "s_tls", "mtls": "s_mtls"}
@@ -472,6 +472,31 @@ async def test_through_the_relay_tls_with_a_wrong_ca_halts_and_keeps_the_entries
     row = destination_row(config.state_dir, "siem")
     assert row["state"] == "halted" and "certificate verify failed" in row["state_reason"]
     assert receiver.received() == [] and dead_letters(config.state_dir, "siem") == []
+
+
+# -- the test receiver itself ---------------------------------------------------------------------------
+
+async def test_the_receiver_moves_to_new_ports_when_one_is_taken_before_it_starts(tmp_path: Path) -> None:
+    """CI once failed when a port chosen free was taken before syslog-ng bound it; a restart keeps its ports."""
+    if SYSLOG_NG is None:
+        pytest.skip("syslog-ng is not installed")
+    ng = SyslogNg(tmp_path / "syslog-ng")
+    chosen = dict(ng.ports)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", chosen["lf"]))
+        squatter.listen()
+        await ng.start()
+        try:
+            assert ng.ports["lf"] != chosen["lf"]
+            await ng.stop()
+            squatter_on_tcp = socket.socket()
+            squatter_on_tcp.bind(("127.0.0.1", ng.ports["tcp"]))
+            squatter_on_tcp.listen()
+            with squatter_on_tcp, pytest.raises(PortTaken, match="Address already in use"):
+                await ng.start()
+        finally:
+            with trio.CancelScope(shield=True):
+                await ng.stop()
 
 
 # -- settings -------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from tests.helpers import (
     dead_letters,
     destination_row,
     entry,
-    free_port,
+    free_ports,
     wait_until,
 )
 from tests.helpers import write_config as write_yaml
@@ -104,8 +104,8 @@ async def test_no_secret_in_logs_reasons_metrics_or_commands(tmp_path: Path, mot
     (creds / "webhook-signing").write_text(WEBHOOK_SIGNING + "\n")
     (creds / "receiver-signing").write_text(RECEIVER_SIGNING + "\n")
     (tmp_path / "webhook-token").write_text(WEBHOOK_BEARER + "\n")
-    metrics_port, receiver_port = free_port(), free_port()
-    never = ("127.0.0.1", free_port())
+    metrics_port, receiver_port, never_port = free_ports(3)
+    never = ("127.0.0.1", never_port)
     with fault_proxy(never, mode="fail", fail_count=10**9, fail_response=hec_echo, methods=frozenset({"POST"})
                      ) as hec_proxy, \
             fault_proxy(("127.0.0.1", moto.port), mode="fail", fail_count=10**9, fail_response=s3_echo,
