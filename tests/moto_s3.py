@@ -8,7 +8,6 @@ policy. Then signature and permission checking is switched on for every later re
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ from typing import Any
 
 import boto3
 import httpx
+
+from tests.helpers import free_port
 
 RELAY_POLICY = {
     "Version": "2012-10-17",
@@ -37,16 +38,10 @@ class AccessKey:
     secret: str
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class MotoS3:
     def __init__(self, log_path: Path) -> None:
         self.log_path = log_path
-        self.port = _free_port()
+        self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.relay = AccessKey("", "")
