@@ -96,7 +96,7 @@ class SyslogNg:
         ])
 
     async def start(self, deadline: float = 20.0, attempts: int = 3) -> None:
-        """Start in the foreground and wait until every TCP port accepts connections.
+        """Start in the foreground and wait until syslog-ng has bound every port.
 
         A port chosen free can be taken by another process before syslog-ng binds it; syslog-ng then
         exits at once. The first start then tries again on new ports; a restart keeps its ports, which
@@ -122,8 +122,10 @@ class SyslogNg:
                  "-p", str(w / "syslog-ng.pid"), "-c", str(w / "syslog-ng.ctl"), "--no-caps", "-e"],
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         with trio.move_on_after(deadline):
-            # An external process: nothing to await but its ports opening.
-            while not all(map(self._accepts, (p for k, p in self.ports.items() if k != "udp"))):
+            # An external process: nothing to await but its log. syslog-ng says it is starting up once
+            # every source is bound. (Waiting for the ports to accept was not enough: a port somebody
+            # else listens on accepts too, while syslog-ng is already exiting.)
+            while "syslog-ng starting up" not in self.log_text()[logged_before:]:
                 if self.proc.poll() is not None:
                     taken = "Address already in use" in self.log_text()[logged_before:]
                     error = PortTaken if taken else RuntimeError
@@ -132,14 +134,6 @@ class SyslogNg:
             return
         await self.stop()
         raise RuntimeError(f"syslog-ng did not open its ports within {deadline}s:\n{self.log_text()}")
-
-    @staticmethod
-    def _accepts(port: int) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return True
-        except OSError:
-            return False
 
     async def stop(self, deadline: float = 20.0) -> None:
         """SIGTERM to the PID we started; syslog-ng writes out what it queued and exits."""
