@@ -26,9 +26,10 @@ import yaml
 
 from bench_peer import TOKEN as HEC_TOKEN
 from bench_peer import start_receiver, stats
-from common import ROOT, Report, cpu_seconds, free_port, peak_rss_bytes
+from common import ROOT, Report, cpu_seconds, peak_rss_bytes
 from load_client import post_all
 from relay_plugins.demo import DemoSource
+from tests.helpers import free_port
 
 TOKEN = "bench-token-0123456789abcdef"
 PER_REQUEST = 100

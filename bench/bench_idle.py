@@ -19,7 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from common import ROOT, Report, cpu_seconds, free_ports, rss_bytes, workers_rss_bytes
+from common import ROOT, Report, cpu_seconds, rss_bytes, workers_rss_bytes
+from tests.helpers import free_ports
 
 
 def main() -> None:

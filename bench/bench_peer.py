@@ -34,8 +34,9 @@ import orjson
 import trio
 import yaml
 
-from common import ROOT, Report, cpu_seconds, free_port, peak_rss_bytes, workers_peak_rss_bytes
+from common import ROOT, Report, cpu_seconds, peak_rss_bytes, workers_peak_rss_bytes
 from relay_plugins.demo import DemoSource, ulid
+from tests.helpers import free_port
 
 TOKEN = "11111111-2222-3333-4444-555555555555"
 

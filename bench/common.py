@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -142,20 +141,3 @@ def cpu_seconds(pid: int) -> float:
             total += _stat(one)[0] / os.sysconf("SC_CLK_TCK")
     return total
 
-
-def free_port() -> int:
-    """A loopback TCP port free right now (for a listener the benchmark starts)."""
-    [port] = free_ports(1)
-    return port
-
-
-def free_ports(n: int) -> list[int]:
-    """`n` different loopback TCP ports: all stay bound until each is chosen, so none comes back twice."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
