@@ -13,8 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import warn_if_busy
-
 HERE = Path(__file__).resolve().parent
 
 
@@ -23,7 +21,6 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated bench names (the part after bench_)")
     args = parser.parse_args()
     wanted = set(args.only.split(",")) if args.only else None
-    warn_if_busy()
     rows: list[dict[str, object]] = []
     for script in sorted(HERE.glob("bench_*.py")):
         name = script.stem.removeprefix("bench_")
