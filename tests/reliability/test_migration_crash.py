@@ -3,14 +3,13 @@ format or the other, never a mix, and the next start migrates it and still dedup
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 
 import pytest
 
 from relay import journal_schema
-from relay.entry import dedupe_key
+from relay.entry import _id_digest, dedupe_key
 from relay.journal_schema import JOURNAL_FILE
 from tests.helpers import RelayProcess, config_dict, free_port, journal_db, wait_until_sync, write_config
 from tests.reliability.leaks import ENV, Leaks
@@ -32,7 +31,7 @@ def write_old_journal(state: Path, monkeypatch: pytest.MonkeyPatch) -> list[tupl
     rows = []
     for i in range(ENTRIES):
         entry_id = f"crash-{i:06d}"
-        digest = hashlib.sha256(b"id:" + entry_id.encode()).digest()
+        digest = _id_digest(entry_id)
         data = b'{"id":"%s","action":"user.created","occurred_at":"2024-05-14T09:30:00Z",' % entry_id.encode()
         rows.append((old_key(digest), digest, "push", time.time(), 1715679000.0 + i, "user.created", "user", "",
                      data + b'"actor":{"type":"user","id":"u"}}'))
